@@ -1,0 +1,184 @@
+"""A decoder-only GPT in plain PyTorch (the MT-NLG architecture).
+
+Pre-LayerNorm blocks, learned absolute positions, GeLU MLP, input and output
+embeddings tied, causal attention through ``scaled_dot_product_attention`` and
+Megatron's scaled initialisation.  This file knows nothing about parallelism:
+tensor, pipeline and data parallelism are applied to it from outside
+(``mtnlg.parallel``).  Two habits make that possible:
+
+* the fused QKV projection stores its output per head as ``[q_h | k_h | v_h]``
+  (Megatron's layout), so splitting its rows into contiguous chunks hands each
+  tensor-parallel rank whole heads, and attention reshapes with ``view(B, T,
+  -1, ...)`` so it works on whatever number of heads is local;
+* blocks live in an ``nn.ModuleDict`` keyed by layer number, so a pipeline
+  stage is the same model with some entries deleted, and parameter names
+  match the full model's.
+
+Shapes: B batch, T time, C hidden, H heads, D head_dim, V padded vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtnlg.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding.
+
+    Buffers are allocated lazily by each attention layer on first use with
+    shape (B, H_local, max_len, D), so the same cache works whether the layer
+    holds all heads or a tensor-parallel slice of them.  ``pos`` counts the
+    tokens already written.
+    """
+
+    max_len: int
+    keys: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    pos: int = 0
+
+    def update(self, layer: str, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {start + T} tokens > max_len {self.max_len}")
+        if layer not in self.keys or self.keys[layer].shape[0] != B:
+            self.keys[layer] = k.new_zeros(B, H, self.max_len, D)
+            self.values[layer] = v.new_zeros(B, H, self.max_len, D)
+        self.keys[layer][:, :, start:start + T] = k
+        self.values[layer][:, :, start:start + T] = v
+        return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search keeps the surviving beams)."""
+        for name in self.keys:
+            self.keys[name] = self.keys[name].index_select(0, index)
+            self.values[name] = self.values[name].index_select(0, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: str):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.layer_id = layer_id
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v, start)
+        if cache is None or start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # new queries sit at positions start..start+T-1 and see every earlier key
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.hidden, cfg.ffn)
+        self.proj = nn.Linear(cfg.ffn, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.attn = CausalSelfAttention(cfg, layer_id)
+        self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT language model.  ``forward(tokens) -> logits`` of shape (B, T, V).
+
+    Any of ``tok_emb``, ``blocks`` entries, ``ln_f`` or ``lm_head`` may be
+    absent (set to None / deleted) on a pipeline stage; forward then skips it
+    and accepts or returns hidden states instead of tokens or logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size or cfg.padded_vocab()
+        self.tok_emb = nn.Embedding(self.vocab_size, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, str(i)) for i in range(cfg.n_layers)})
+        self.ln_f = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        if self.tok_emb is not None:
+            T = x.shape[1]
+            if start + T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+            pos = torch.arange(start, start + T, device=x.device)
+            x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
+        for block in self.blocks.values():
+            x = block(x, cache, start)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Megatron init: N(0, std) everywhere, N(0, std/sqrt(2L)) on the
+        projections that write into the residual stream, zero biases, unit
+        LayerNorm gains.  Parameters are visited in name order from one
+        generator, so the weights depend only on (config, seed)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2.0 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith(".bias") or (".ln_" in name or name.startswith("ln_f")):
+                p.fill_(1.0 if (name.endswith(".weight")) else 0.0)
+                continue
+            s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
+            if gen is not None and p.device.type != "cpu":
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
+            else:
+                p.normal_(0.0, s, generator=gen)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None,
+                vocab_size: int | None = None) -> GPT:
+    """Build on the meta device, then materialise on ``device`` and initialise.
+    With device='meta' the model stays shapes-only (any preset, 530B included)."""
+    with torch.device("meta"):
+        model = GPT(cfg, vocab_size)
+    if str(device) == "meta":
+        return model
+    model.to_empty(device=device)
+    model.lm_head.weight = model.tok_emb.weight  # to_empty breaks the tie
+    model.init_weights(seed)
+    return model
