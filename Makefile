@@ -1,0 +1,46 @@
+# mtnlg — two commands for a fresh machine:
+#   make demo   set up, tokenize the shipped corpus, train the tiny model on CPU, print samples
+#   make test   set up and run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+RUN     ?= runs/tiny
+DATA    := runs/data/sotu
+
+.PHONY: setup demo data train sample test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(DATA).bin: $(VENV)/.installed data/sotu/sotu.jsonl.gz
+	$(BIN)/mtnlg preprocess --input data/sotu/sotu.jsonl.gz --output $(DATA) \
+		--train-tokenizer --vocab-size 8192 --dedup fuzzy
+
+data: $(DATA).bin
+
+train: data
+	$(BIN)/mtnlg train --config configs/tiny.toml --run $(RUN)
+
+sample: train
+	$(BIN)/mtnlg generate --run $(RUN) --prompt "The state of the Union is" \
+		--prompt "Our economy" --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1
+
+demo: sample
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs

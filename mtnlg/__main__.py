@@ -1,0 +1,5 @@
+import sys
+
+from mtnlg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""``mtnlg generate``: sample text from a trained run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mtnlg.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory made by `mtnlg train`")
+    p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory (default: the latest)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; default: empty prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature for sampling")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: smallest set with this probability mass")
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; for checking)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object per sample")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.infer.generate import beam_search, generate
+    from mtnlg.infer.load import load_run
+
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.beams < 1:
+        raise UserError("--max-new-tokens, --num-samples and --beams must be >= 1")
+    if args.temperature <= 0 and not args.greedy:
+        raise UserError("--temperature must be > 0 (use --greedy for deterministic decoding)")
+    if not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cfg, model, tok = load_run(args.run, device, args.checkpoint)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for prompt in args.prompt or [""]:
+        ids = tok.encode(prompt) or [tok.eod_id]
+        x = torch.tensor([ids], device=device)
+        for i in range(args.num_samples):
+            if args.beams > 1:
+                out, _ = beam_search(model, x, args.max_new_tokens, args.beams, eos_id=tok.eod_id)
+            else:
+                out = generate(model, x, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, eos_id=tok.eod_id, generator=gen,
+                               use_cache=not args.no_cache)
+            new = [t for t in out[0, len(ids):].tolist() if t != tok.eod_id]
+            text = tok.decode(new)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "sample": i, "completion": text}))
+            else:
+                print(f"--- {prompt!r} (sample {i + 1})\n{prompt}{text}\n", flush=True)
+    return 0

@@ -1,0 +1,132 @@
+"""Training metrics: tokens/s, TFLOP/s, MFU; metrics.jsonl, console/progress
+bar and TensorBoard sinks.
+
+TFLOP/s counts *model* FLOPs (``flops_per_token`` without recomputation, the
+PaLM definition of MFU), so turning on activation checkpointing lowers the
+reported figure instead of inflating it.  MFU divides by the configured peak
+(``logging.peak_tflops``) or, when that is 0, a known figure for the GPU or,
+on CPU, this machine's bf16 matmul rate measured at start-up.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mtnlg.errors import UserError
+
+GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "A10": 125.0}
+
+
+def measure_matmul_tflops(shapes: list[tuple[int, int, int]] | None = None, dtype=torch.bfloat16,
+                          device: str | torch.device = "cpu", seconds: float = 0.3) -> float:
+    """Achieved TFLOP/s of ``torch.matmul`` over the given (m, k, n) shapes."""
+    shapes = shapes or [(1024, 1024, 1024)]
+    flops, elapsed = 0.0, 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            if time.perf_counter() - t0 > seconds / len(shapes):
+                break
+        elapsed += time.perf_counter() - t0
+        flops += 2.0 * m * k * n * reps
+    return flops / elapsed / 1e12
+
+
+def default_peak_tflops(device: torch.device, precision: str) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peak
+        return 0.0
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    return measure_matmul_tflops(dtype=dtype)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and shows
+    progress on the console; only the rank that owns it (rank 0) writes."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
+                 progress_bar: str = "auto", tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists() and start_step > 0:
+            self._truncate_after(start_step)
+        use_bar = progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty())
+        if use_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("logging.tensorboard=true needs the tensorboard package: pip install 'mtnlg[tensorboard]'") from None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint: drop them."""
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+        line = format_record(record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(line, refresh=False)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_record(r: dict) -> str:
+    parts = [f"step {r['step']}"]
+    if "loss" in r:
+        parts.append(f"loss {r['loss']:.4f}")
+    if r.get("val_loss") is not None:
+        parts.append(f"val_loss {r['val_loss']:.4f}")
+    if "lr" in r:
+        parts.append(f"lr {r['lr']:.2e}")
+    if "grad_norm" in r:
+        parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if "tflops" in r:
+        parts.append(f"{r['tflops']:.3f} TFLOP/s")
+    if "mfu" in r:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    return " | ".join(parts)

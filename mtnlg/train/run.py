@@ -1,0 +1,142 @@
+"""``mtnlg train``: build everything from the config and hand it to the Trainer.
+
+    mtnlg train --config configs/tiny.toml --run runs/tiny [--set optim.lr=1e-3]
+    torchrun --nproc-per-node 2 -m mtnlg train --config configs/tiny.toml --run runs/tp2 --set parallel.tp=2
+
+A run directory holds ``config.toml`` (resolved), ``tokenizer.json``,
+``metrics.jsonl`` and ``checkpoints/``.  Running ``train`` again on an
+existing run directory resumes from its latest checkpoint, with the saved
+config (``--set`` may still change e.g. ``train.steps``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mtnlg.config import Config, apply_overrides, dump_toml, load_config
+from mtnlg.errors import UserError
+from mtnlg.train.topology import Topology
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config (presets in configs/); omit to resume a run with its saved config.toml")
+    p.add_argument("--run", required=True, help="run directory: config.toml, tokenizer.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values are TOML literals)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop (with a checkpoint) after N steps in this invocation; run again to continue")
+
+
+def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> tuple[Config, bool]:
+    """Config for a new run, or the saved config of an existing one."""
+    saved = run_dir / "config.toml"
+    if saved.exists():
+        from mtnlg.train.trainer import config_digest
+        cfg = load_config(saved, overrides)
+        if config_digest(cfg) != config_digest(load_config(saved)):
+            raise UserError(f"--set may not change the model, data or optimizer of the existing run {run_dir} "
+                            f"(only train.steps, intervals and logging.*); start a new --run instead")
+        if config and config_digest(load_config(config, overrides)) != config_digest(cfg):
+            raise UserError(f"run directory {run_dir} already holds a run with a different config; "
+                            f"omit --config to resume it, or choose a new --run")
+        return cfg, True
+    if not config:
+        raise UserError(f"{run_dir} holds no run yet: pass --config (e.g. configs/tiny.toml)")
+    return load_config(config, overrides), False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def setup_topology(cfg: Config, model: torch.nn.Module, device: torch.device) -> Topology:
+    """Create the process mesh and parallelize the model (TP, then AC, then DP)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and cfg.parallel.tp == 1 and cfg.parallel.pp == 1:
+        return Topology()
+    from mtnlg.parallel.setup import parallelize
+    return parallelize(cfg, model, device)
+
+
+def data_blend(cfg: Config) -> list[tuple[float, str]]:
+    if not cfg.data.blend:
+        raise UserError("data.blend is empty: give [[weight, \"PREFIX\"], ...] of datasets made by `mtnlg preprocess`")
+    return [(float(w), str(p)) for w, p in cfg.data.blend]
+
+
+def tokenizer_path(cfg: Config) -> Path:
+    path = Path(cfg.data.tokenizer or data_blend(cfg)[0][1] + ".tokenizer.json")
+    if not path.exists():
+        raise UserError(f"tokenizer file {path} not found (set data.tokenizer or run `mtnlg preprocess --train-tokenizer`)")
+    return path
+
+
+def build_data(cfg: Config, dp_size: int):
+    from mtnlg.data.samples import build_datasets
+    t = cfg.train
+    n_train = t.steps * t.global_batch
+    n_eval = max(1, t.eval_batches) * t.micro_batch * dp_size
+    split = tuple(float(x) for x in cfg.data.split)
+    return build_datasets(data_blend(cfg), split, cfg.model.seq_len, t.seed,
+                          (n_train, n_eval, n_eval), cache_dir=cfg.data.cache_dir or None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtnlg.model.gpt import build_model
+    from mtnlg.train.ac import apply_activation_checkpointing
+    from mtnlg.train.metrics import default_peak_tflops
+    from mtnlg.train.precision import param_dtype
+    from mtnlg.train.trainer import Trainer
+
+    run_dir = Path(args.run)
+    cfg, existing = resolve_config(run_dir, args.config, args.overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    tok_path = tokenizer_path(cfg)
+
+    from mtnlg.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(str(tok_path))
+    vocab = cfg.model.padded_vocab(cfg.parallel.tp)
+    if tokenizer.vocab_size > vocab:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                        f"set model.vocab_size >= {tokenizer.vocab_size}")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
+    model.to(param_dtype(cfg.train.precision))
+    topo = setup_topology(cfg, model, device)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        model.compile()
+    if topo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not existing:
+            (run_dir / "config.toml").write_text(dump_toml(cfg))
+        shutil.copyfile(tok_path, run_dir / "tokenizer.json")
+    topo.barrier()
+
+    train_ds, valid_ds, _ = build_data(cfg, topo.dp_size)
+    peak = cfg.logging.peak_tflops or default_peak_tflops(device, cfg.train.precision)
+    trainer = Trainer(cfg, model, train_ds, valid_ds, run_dir, device, topo, peak_tflops=peak)
+    resumed = trainer.resume()
+    if topo.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        what = f"resumed at step {trainer.step}" if resumed else "new run"
+        print(f"mtnlg train: {what} in {run_dir} | {n_params / 1e6:.2f}M params | device {device} | "
+              f"world {topo.world_size} (dp {topo.dp_size}) | {cfg.train.precision} | "
+              f"train samples {len(train_ds)} | peak {peak:.3f} TFLOP/s", flush=True)
+    if trainer.step >= cfg.train.steps:
+        if topo.is_main:
+            print(f"mtnlg train: run already finished ({trainer.step}/{cfg.train.steps} steps)")
+        return 0
+    trainer.fit(stop_after=args.stop_after)
+    return 0

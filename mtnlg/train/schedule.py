@@ -1,0 +1,33 @@
+"""Learning-rate schedule (linear warm-up, cosine decay) and Megatron-style
+batch-size ramp-up.  Both are pure functions of progress, so a resumed run
+recomputes them instead of restoring state."""
+from __future__ import annotations
+
+import math
+
+from mtnlg.config import OptimConfig, TrainConfig
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    decay = optim.decay_steps or max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def global_batch_at(consumed_samples: int, train: TrainConfig) -> int:
+    """Global batch size after ``consumed_samples`` samples.
+
+    With ``batch_rampup = [start, increment, samples]`` the batch grows from
+    ``start`` by ``increment`` in equal slices of the first ``samples``
+    samples until it reaches ``train.global_batch`` (MT-NLG: 32 -> 1920 in
+    steps of 32 over 12B tokens)."""
+    if not train.batch_rampup:
+        return train.global_batch
+    start, inc, ramp_samples = (int(x) for x in train.batch_rampup)
+    n_increments = max(1, (train.global_batch - start) // inc)
+    per_increment = ramp_samples / n_increments
+    size = start + int(consumed_samples // per_increment) * inc
+    return min(size, train.global_batch)

@@ -1,0 +1,67 @@
+"""What the trainer needs to know about the process layout, in one object.
+
+The trainer never imports parallel code: the ``train`` command builds a
+``Topology`` (trivial for one process) and passes it in.  Each hook has a
+single-process default, so the trainer reads the same either way.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict())
+
+
+def _load_plain_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state)
+
+
+@dataclass
+class Topology:
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None
+    mesh: Any = None
+    loss_context: Callable[[], Any] = contextlib.nullcontext
+    full_state_dict: Callable[[torch.nn.Module], dict] = _plain_state_dict
+    load_full_state_dict: Callable[[torch.nn.Module, dict], None] = _load_plain_state_dict
+    gather_logits: Callable[[Any], torch.Tensor] = lambda x: x
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean_over_dp(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+            t /= self.dp_size
+        return t
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients over data-parallel replicas (one flat bucket)."""
+        if self.dp_size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        flat = torch.cat([g.reshape(-1) for g in local])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.dp_group)
+        flat /= self.dp_size
+        offset = 0
+        for g in local:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n

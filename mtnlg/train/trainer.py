@@ -1,0 +1,232 @@
+"""The training loop.  It only orchestrates: the ``train`` command hands it a
+built (possibly parallelized) model, datasets, a ``Topology`` and the
+config; it runs micro-batches with gradient accumulation, precision policy,
+clipping, the LR schedule and batch ramp-up, validation, logging and
+checkpoints.
+
+Data order is a pure function of ``consumed_samples``: the global batch of a
+step is samples ``[consumed, consumed + global_batch)`` of the (already
+shuffled, blended) training dataset, and data-parallel rank r takes the r-th
+contiguous slice of it.  Resuming therefore needs only the step and the
+sample count, and replays nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtnlg.config import Config, to_dict
+from mtnlg.errors import UserError
+from mtnlg.model.flops import flops_per_token
+from mtnlg.train import checkpoint as ckpt
+from mtnlg.train.metrics import MetricsLogger
+from mtnlg.train.precision import MasterWeights, autocast, param_dtype
+from mtnlg.train.schedule import global_batch_at, lr_at
+from mtnlg.train.topology import Topology
+
+
+def config_digest(cfg: Config) -> str:
+    d = to_dict(cfg)
+    d.pop("logging")
+    d["train"] = {k: v for k, v in d["train"].items()
+                  if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; exempt biases and LayerNorm gains."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, train_data, valid_data, run_dir: Path,
+                 device: torch.device, topo: Topology | None = None, peak_tflops: float = 0.0):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.train_data, self.valid_data = train_data, valid_data
+        self.run_dir = Path(run_dir)
+        self.topo = topo or Topology()
+        self.precision = cfg.train.precision
+        self.peak_tflops = peak_tflops
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = MasterWeights(self.params) if param_dtype(self.precision) != torch.float32 else None
+        opt_params = self.master.params if self.master else self.params
+        groups = parameter_groups(model, cfg.optim.weight_decay)
+        if self.master:  # same grouping, over the fp32 master copies
+            index = {id(p): m for p, m in zip(self.params, self.master.params)}
+            groups = [{**g, "params": [index[id(p)] for p in g["params"]]} for g in groups]
+        has_dtensor = any(type(p).__name__ == "DTensor" for p in opt_params)
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+            foreach=False if has_dtensor else None)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.step = 0
+        self.consumed_samples = 0
+        self.seq_len = cfg.model.seq_len
+        vocab = getattr(model, "vocab_size", None)
+        self.flops_per_token = flops_per_token(cfg.model, recompute=False, vocab=vocab)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples,
+                "config_digest": config_digest(self.cfg),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self) -> Path:
+        model_state = self.topo.full_state_dict(self.model)
+        optim = {"optimizer": self.optimizer.state_dict(),
+                 "master": [m.detach() for m in self.master.params] if self.master else None}
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optim, self.state(),
+                                    rank=self.topo.rank, barrier=self.topo.barrier,
+                                    keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path, self.topo.rank, map_location=self.device)
+        if state["trainer"].get("config_digest") != config_digest(self.cfg):
+            raise UserError(f"checkpoint {path} was written with a different model/data/optimizer config; "
+                            f"start a new --run directory or restore the original config.toml")
+        self.topo.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
+        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        if self.master:
+            with torch.no_grad():
+                for m, saved in zip(self.master.params, state["optimizer"]["master"]):
+                    m.copy_(saved)
+        if self.scaler and state["trainer"].get("scaler"):
+            self.scaler.load_state_dict(state["trainer"]["scaler"])
+        self.step = state["trainer"]["step"]
+        self.consumed_samples = state["trainer"]["consumed_samples"]
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
+        return True
+
+    # ------------------------------------------------------------------ data
+    def _batch(self, dataset, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([dataset[i] for i in range(first, first + count)])
+        tokens = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.device):
+            logits = self.model(x)
+        with self.topo.loss_context():
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        cfg, topo = self.cfg, self.topo
+        gb = global_batch_at(self.consumed_samples, cfg.train)
+        mb = cfg.train.micro_batch
+        if gb % (mb * topo.dp_size):
+            raise UserError(f"global batch {gb} is not a multiple of micro_batch {mb} x dp {topo.dp_size}")
+        n_micro = gb // (mb * topo.dp_size)
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
+        total = torch.zeros((), device=self.device)
+        for i in range(n_micro):
+            x, y = self._batch(self.train_data, first + i * mb, mb)
+            loss = self._loss(x, y) / n_micro
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        topo.all_reduce_grads(self.params)
+        if self.master:
+            self.master.grads_to_master()
+        params = self.master.params if self.master else self.params
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        record = {}
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            record["loss_scale"] = scale
+            record["skipped"] = self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.master_to_model()
+        self.step += 1
+        self.consumed_samples += gb
+        loss = topo.mean_over_dp(total)
+        record.update(step=self.step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
+                      consumed_samples=self.consumed_samples, global_batch=gb)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None) -> float:
+        batches = batches or self.cfg.train.eval_batches
+        mb, topo = self.cfg.train.micro_batch, self.topo
+        usable = len(self.valid_data) // (mb * topo.dp_size)
+        if usable == 0:
+            return float("nan")
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        n = min(batches, usable)
+        for i in range(n):
+            x, y = self._batch(self.valid_data, (i * topo.dp_size + topo.dp_rank) * mb, mb)
+            total += self._loss(x, y)
+        self.model.train()
+        return topo.mean_over_dp(total / n).item()
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_after: int | None = None, logger: MetricsLogger | None = None) -> list[dict]:
+        """Train until ``train.steps`` (or ``stop_after`` more steps); returns the logged records."""
+        cfg = self.cfg
+        logger = logger or MetricsLogger(self.run_dir, cfg.train.steps, self.step, enabled=self.topo.is_main,
+                                         progress_bar=cfg.logging.progress_bar,
+                                         tensorboard=cfg.logging.tensorboard)
+        end = cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
+        records: list[dict] = []
+        self.model.train()
+        busy, tokens = 0.0, 0  # seconds spent in train steps since the last log, and their tokens
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                busy += time.perf_counter() - t0
+                tokens += record["global_batch"] * self.seq_len
+                logger.advance()
+                last = self.step == end
+                evaluate = cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0
+                if evaluate or self.step == cfg.train.steps:
+                    record["val_loss"] = self.evaluate()
+                if self.step % cfg.logging.log_interval == 0 or last or "val_loss" in record:
+                    tps = tokens / busy
+                    record["tokens_per_s"] = tps
+                    record["tflops"] = tps * self.flops_per_token / 1e12 / self.topo.world_size
+                    if self.peak_tflops > 0:
+                        record["mfu"] = record["tflops"] / self.peak_tflops
+                    if self.device.type == "cuda":
+                        record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    if not math.isfinite(record["loss"]):
+                        raise UserError(f"loss became {record['loss']} at step {self.step}; "
+                                        f"lower optim.lr or use train.precision=bf16-autocast")
+                    logger.log(record)
+                    records.append(record)
+                    busy, tokens = 0.0, 0
+                if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or last:
+                    self.save()
+        finally:
+            logger.close()
+        return records
