@@ -33,11 +33,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is None or name == wanted:  # import only the module we run (or all, for --help)
-            try:
-                importlib.import_module(module).add_arguments(p)
-            except ModuleNotFoundError as e:
-                if not e.name or not e.name.startswith("mtnlg"):
-                    raise
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(module=module)
     return parser
 
@@ -56,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics, tiny_overrides
+from trainhelpers import read_metrics, tiny_overrides
 from mtnlg.config import load_config
 from mtnlg.errors import UserError
 from mtnlg.model.gpt import build_model

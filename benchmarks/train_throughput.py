@@ -1,0 +1,126 @@
+"""Training throughput vs this machine's matmul rate, measured in the same run.
+
+For each model config and precision it times full training steps (forward,
+backward, clipping, AdamW) through the real Trainer and reports tokens/s,
+achieved model TFLOP/s and the ratio to the matmul rate of the model's own
+GEMM shapes (forward and backward shapes, weighted by their FLOPs) in the
+same dtype, timed here and now.  Ratios, not absolute seconds: the machine is
+shared and noisy.
+
+    python benchmarks/train_throughput.py [--steps 6] [--configs tiny,14m] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mtnlg.config import load_config  # noqa: E402
+from mtnlg.model.flops import flops_per_token  # noqa: E402
+from mtnlg.model.gpt import build_model  # noqa: E402
+from mtnlg.train.precision import param_dtype  # noqa: E402
+from mtnlg.train.trainer import Trainer  # noqa: E402
+
+CONFIGS = {
+    "tiny": ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256",
+             "model.vocab_size=8192", "train.micro_batch=8", "train.global_batch=16"],
+    "14m": ["model.n_layers=6", "model.hidden=384", "model.n_heads=6", "model.seq_len=256",
+            "model.vocab_size=8192", "train.micro_batch=8", "train.global_batch=8"],
+}
+PRECISIONS = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class RandomTokens:
+    def __init__(self, n: int, seq_len: int, vocab: int):
+        self.data = np.random.default_rng(0).integers(0, vocab, size=(n, seq_len + 1), dtype=np.int64)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, k):
+        return self.data[k]
+
+
+def gemm_shapes(cfg, tokens: int, vocab: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every weight GEMM in forward and backward (dgrad, wgrad)."""
+    h, f = cfg.hidden, cfg.ffn
+    fwd = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, f), (tokens, f, h), (tokens, h, vocab)]
+    out = []
+    for m, k, n in fwd:
+        out += [(m, k, n), (m, n, k), (k, m, n)]
+    return out
+
+
+def matmul_rate(shapes, dtype, device, seconds=0.4) -> float:
+    """TFLOP/s over the shapes, each timed for seconds/len(shapes), FLOP-weighted."""
+    total_flops, total_time = 0.0, 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(shapes):
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        total_flops += 2.0 * m * k * n * reps
+        total_time += elapsed
+    return total_flops / total_time / 1e12
+
+
+def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
+    cfg = load_config(None, CONFIGS[name] + [f"train.precision={precision}", "optim.warmup_steps=1",
+                                             f"train.steps={steps + 2}", "train.eval_interval=0"])
+    vocab = cfg.model.padded_vocab()
+    model = build_model(cfg.model, device, seed=0).to(param_dtype(precision))
+    data = RandomTokens(cfg.train.global_batch * (steps + 2), cfg.model.seq_len, cfg.model.vocab_size)
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(cfg, model, data, data, Path(d), device)
+        for _ in range(2):
+            trainer.train_step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    tokens = steps * cfg.train.global_batch * cfg.model.seq_len
+    tflops = tokens / elapsed * flops_per_token(cfg.model, vocab=vocab) / 1e12
+    rate = matmul_rate(gemm_shapes(cfg.model, cfg.train.micro_batch * cfg.model.seq_len, vocab),
+                       PRECISIONS[precision], device)
+    params = sum(p.numel() for p in model.parameters())
+    return {"config": name, "params_m": params / 1e6, "precision": precision, "tokens_per_s": tokens / elapsed,
+            "tflops": tflops, "matmul_tflops": rate, "ratio": tflops / rate}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row")
+    p.add_argument("--configs", default="tiny,14m", help="comma list of: " + ", ".join(CONFIGS))
+    p.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="comma list of: " + ", ".join(PRECISIONS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    header = f"{'config':<6} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
+    print(header)
+    print("-" * len(header))
+    for name in args.configs.split(","):
+        for precision in args.precisions.split(","):
+            r = bench(name, precision, args.steps, device)
+            print(f"{r['config']:<6} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
+                  f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
+    print("\nMFU vs matmul = model FLOPs/s (forward+backward, no recompute) / matmul rate at the model's own "
+          "GEMM shapes in the same dtype, measured in this run.")
+
+
+if __name__ == "__main__":
+    main()
