@@ -1,0 +1,127 @@
+"""Each planner formula against hand-computed values."""
+import pytest
+
+from mtnlg.config import ModelConfig, load_config
+from mtnlg.model.flops import flops_per_iteration, param_count
+from mtnlg.plan import Calibration, GPUSpec, Cluster, Layout, plan_layout
+from mtnlg.plan.memory import (activation_bytes_per_layer, in_flight_microbatches, model_state_bytes,
+                               stage_params_local, total_params_all_ranks)
+from mtnlg.plan.timing import all_gather_s, all_reduce_s, group_spans_nodes, layer_flops_split
+
+BIG = load_config("configs/mtnlg-530b.toml").model
+
+
+def test_530b_flops_match_narayanan_formula_and_paper():
+    B, s, l, h, V = 1920, 2048, 105, 20480, BIG.padded_vocab(8)
+    paper = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    assert flops_per_iteration(BIG, B, recompute=True, vocab=V) == pytest.approx(paper, rel=1e-12)
+    no_recompute = 72 * B * s * l * h * h * (1 + s / (6 * h)) + 6 * B * s * h * V
+    assert flops_per_iteration(BIG, B, recompute=False, vocab=V) == pytest.approx(no_recompute, rel=1e-12)
+    assert paper == pytest.approx(1.69e19, rel=0.01)  # MTNLG.md
+
+
+def test_layer_flops_split():
+    split = layer_flops_split(BIG, 51200)
+    h, s = 20480, 2048
+    assert split["attn_core"] == 4 * s * h
+    assert split["layer"] == 24 * h * h + 4 * s * h
+    assert split["logits_train"] == 6 * h * 51200
+
+
+def test_530b_params():
+    V = BIG.padded_vocab(8)
+    assert V == 51200
+    n = param_count(BIG, V)
+    assert 528e9 < n < 531e9
+    # one layer sharded 8 ways: 12h²/8 + biases (column ones sharded, row ones replicated) + 2 LayerNorms
+    h = 20480
+    layer = 12 * h * h // 8 + (3 * h + 4 * h) // 8 + 2 * h + 4 * h
+    assert stage_params_local(BIG, 8, 35, 1, V) == 3 * layer
+    assert stage_params_local(BIG, 8, 35, 0, V) == 3 * layer + V * h // 8 + 2048 * h
+    assert stage_params_local(BIG, 8, 35, 34, V) == 3 * layer + V * h // 8 + 2 * h
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 4), (2, 3)])
+def test_sum_over_ranks(tp, pp):
+    cfg = ModelConfig(n_layers=6, hidden=64, n_heads=4, seq_len=32, vocab_size=500)
+    V, h = cfg.padded_vocab(tp), cfg.hidden
+    replicated_per_layer = 4 * h + 2 * h       # LayerNorms and row-parallel biases on every tp rank
+    extra = (tp - 1) * (cfg.n_layers * replicated_per_layer + cfg.seq_len * h + 2 * h)
+    extra += V * h if pp > 1 else 0            # the last stage's copy of the tied embedding
+    assert total_params_all_ranks(cfg, tp, pp, V) == param_count(cfg, V) + extra
+
+
+def test_activation_memory_korthikanti():
+    s, b, h, a, t = 2048, 1, 20480, 128, 8
+    sbh = s * b * h
+    # 5·a·s/(h·t) = 5·128·2048/(20480·8) = 8
+    assert activation_bytes_per_layer(BIG, b, t, False, "none") == sbh * (10 + 3 + 8)
+    assert activation_bytes_per_layer(BIG, b, t, True, "none") == sbh * (34 / 8 + 8)
+    assert activation_bytes_per_layer(BIG, b, t, False, "selective") == sbh * 13
+    assert activation_bytes_per_layer(BIG, b, t, True, "selective") == sbh * 34 / 8
+    assert activation_bytes_per_layer(BIG, b, t, False, "full") == 2 * sbh
+    assert activation_bytes_per_layer(BIG, b, t, True, "full") == 2 * sbh / 8
+    # no parallelism: 34·sbh + 5·a·s²·b
+    assert activation_bytes_per_layer(BIG, 2, 1, False, "none") == 2 * sbh * 34 + 5 * a * s * s * 2
+
+
+def test_in_flight_microbatches():
+    assert in_flight_microbatches("1f1b", 4, 0, 16) == 4
+    assert in_flight_microbatches("1f1b", 4, 3, 16) == 1
+    assert in_flight_microbatches("1f1b", 4, 0, 2) == 2
+    assert in_flight_microbatches("gpipe", 4, 3, 16) == 16
+    assert in_flight_microbatches("interleaved", 4, 0, 16, 2) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_model_state_zero_stages():
+    n = 10**9
+    gb = lambda d: tuple(round(v / 1e9, 6) for v in d.values())
+    assert gb(model_state_bytes(n, 8, 0, "bf16")) == (2, 2, 12)
+    assert gb(model_state_bytes(n, 8, 1, "bf16")) == (2, 2, 1.5)
+    assert gb(model_state_bytes(n, 8, 2, "bf16")) == (2, 0.25, 1.5)
+    assert gb(model_state_bytes(n, 8, 3, "bf16")) == (0.25, 0.25, 1.5)
+    assert gb(model_state_bytes(n, 1, 0, "fp32")) == (4, 4, 8)
+
+
+def test_collectives_and_placement():
+    assert all_reduce_s(1e9, 8, 100) == pytest.approx(2 * 7 / 8 * 1e9 / 100e9)
+    assert all_gather_s(1e9, 4, 10) == pytest.approx(0.75 * 1e9 / 10e9)
+    assert all_reduce_s(1e9, 1, 10) == 0
+    assert not group_spans_nodes(1, 8, 8)      # tp 8 inside a DGX
+    assert group_spans_nodes(1, 16, 8)
+    assert group_spans_nodes(8, 35, 8)         # pp across nodes
+    assert not group_spans_nodes(2, 2, 8)      # tp 2 x pp 2 inside a node
+    assert group_spans_nodes(2, 3, 8)          # tp 2 x pp 3: some groups straddle nodes
+
+
+def _toy_cluster(nodes=1, gpn=8):
+    return Cluster(GPUSpec("toy", 80, 100, 1000, 100, 10, gpn), nodes)
+
+
+def test_time_single_gpu_by_hand():
+    cfg = ModelConfig(n_layers=2, hidden=64, n_heads=4, seq_len=32, vocab_size=128)
+    calib = Calibration(compute_efficiency=0.5, link_efficiency=1.0, hbm_efficiency=1.0, reserved_gb=0)
+    p = plan_layout(cfg, _toy_cluster(1, 1), Layout(recompute="none", micro_batch=2), 8, "bf16", calib)
+    flops = flops_per_iteration(cfg, 8, recompute=False)
+    assert p["flops_per_iteration"] == flops
+    optim = 2 * 16 * param_count(cfg) / 1e12
+    assert p["iteration_time_s"] == pytest.approx(flops / 50e12 + optim)
+    assert p["microbatches_per_replica"] == 4 and p["bubble_fraction"] == 0
+
+
+def test_time_pipeline_bubble_and_comm_by_hand():
+    cfg = ModelConfig(n_layers=4, hidden=64, n_heads=4, seq_len=32, vocab_size=128)
+    calib = Calibration(1.0, 1.0, 1.0, 0)
+    L = Layout(tp=2, pp=2, dp=2, micro_batch=1, recompute="full")
+    p = plan_layout(cfg, _toy_cluster(1, 8), L, 8, "bf16", calib)
+    m = 4                                          # 8 / (dp 2 · mb 1)
+    last = p["stages"][-1]["time_per_microbatch_s"]
+    split = layer_flops_split(cfg, cfg.padded_vocab(2))   # 256: padded to 128·tp
+    flops_last = 32 * (2 * 4 * split["layer"] + split["logits_train"])
+    assert last["compute_s"] == pytest.approx(flops_last / 2 / 100e12)
+    act = 32 * 64 * 2
+    assert last["tp_comm_s"] == pytest.approx((2 * 6 + 1) * 2 * 0.5 * act / 100e9)
+    assert last["p2p_s"] == pytest.approx(2 * (act / 2 / 100e9 + 0.5 * act / 100e9))
+    assert p["time_breakdown_s"]["pipeline"] == pytest.approx((m + 1) * last["total_s"])
+    assert p["bubble_fraction"] == pytest.approx(1 / 4)
+    assert p["flops_per_iteration"] == pytest.approx(flops_per_iteration(cfg, 8, recompute=True, vocab=256))
