@@ -24,7 +24,9 @@ from mtnlg.train.topology import Topology
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config (presets in configs/); omit to resume a run with its saved config.toml")
-    p.add_argument("--run", required=True, help="run directory: config.toml, tokenizer.json, metrics.jsonl, checkpoints/")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory: config.toml, tokenizer.json, metrics.jsonl, checkpoints/ "
+                        "(under torchrun spell it --run-dir: torchrun reads --run as its own --run-path)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values are TOML literals)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -55,15 +57,6 @@ def pick_device(name: str) -> torch.device:
             raise UserError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def setup_topology(cfg: Config, model: torch.nn.Module, device: torch.device) -> Topology:
-    """Create the process mesh and parallelize the model (TP, then AC, then DP)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and cfg.parallel.tp == 1 and cfg.parallel.pp == 1:
-        return Topology()
-    from mtnlg.parallel.setup import parallelize
-    return parallelize(cfg, model, device)
 
 
 def data_blend(cfg: Config) -> list[tuple[float, str]]:
@@ -100,7 +93,15 @@ def run(args: argparse.Namespace) -> int:
     cfg, existing = resolve_config(run_dir, args.config, args.overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = None
+    if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        from mtnlg.parallel.mesh import init_distributed
+        from mtnlg.parallel.setup import check_layout
+        dims = check_layout(cfg, world)  # fails before any work
+        rank, world, device = init_distributed(cfg.parallel.backend, device=cfg.train.device)
+    else:
+        rank, device = 0, pick_device(cfg.train.device)
     tok_path = tokenizer_path(cfg)
 
     from mtnlg.data.tokenizer import load_tokenizer
@@ -112,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
     model.to(param_dtype(cfg.train.precision))
-    topo = setup_topology(cfg, model, device)
+    if dims is not None:
+        from mtnlg.parallel.setup import parallelize
+        topo = parallelize(cfg, model, device, rank, dims)
+    else:
+        topo = Topology()
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:

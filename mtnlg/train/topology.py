@@ -34,6 +34,9 @@ class Topology:
     full_state_dict: Callable[[torch.nn.Module], dict] = _plain_state_dict
     load_full_state_dict: Callable[[torch.nn.Module, dict], None] = _load_plain_state_dict
     gather_logits: Callable[[Any], torch.Tensor] = lambda x: x
+    local_value: Callable[[Any], torch.Tensor] = lambda x: x  # replicated DTensor -> plain tensor
+    full_tensor: Callable[[Any], torch.Tensor] = lambda x: x  # sharded tensor -> full plain tensor (collective)
+    shard_like: Callable[[torch.Tensor, Any], Any] = lambda full, ref: full  # full tensor -> this rank's piece, like ref
     extra: dict = field(default_factory=dict)
 
     @property

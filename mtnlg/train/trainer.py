@@ -82,10 +82,17 @@ class Trainer:
                 "config_digest": config_digest(self.cfg),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
+    def _opt_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def save(self) -> Path:
+        """Full (unsharded) model and optimizer state, so a checkpoint loads into any layout."""
+        full = self.topo.full_tensor
         model_state = self.topo.full_state_dict(self.model)
-        optim = {"optimizer": self.optimizer.state_dict(),
-                 "master": [m.detach() for m in self.master.params] if self.master else None}
+        opt = self.optimizer.state_dict()
+        opt["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                        for i, st in opt["state"].items()}
+        optim = {"optimizer": opt, "master": [full(m.detach()) for m in self.master.params] if self.master else None}
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optim, self.state(),
                                     rank=self.topo.rank, barrier=self.topo.barrier,
                                     keep=self.cfg.train.keep_checkpoints)
@@ -99,11 +106,17 @@ class Trainer:
             raise UserError(f"checkpoint {path} was written with a different model/data/optimizer config; "
                             f"start a new --run directory or restore the original config.toml")
         self.topo.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
-        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        opt = state["optimizer"]["optimizer"]
+        params = self._opt_params()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == params[int(i)].shape:
+                    st[k] = self.topo.shard_like(v, params[int(i)])
+        self.optimizer.load_state_dict(opt)
         if self.master:
             with torch.no_grad():
                 for m, saved in zip(self.master.params, state["optimizer"]["master"]):
-                    m.copy_(saved)
+                    m.copy_(self.topo.shard_like(saved.to(self.device), m))
         if self.scaler and state["trainer"].get("scaler"):
             self.scaler.load_state_dict(state["trainer"]["scaler"])
         self.step = state["trainer"]["step"]
@@ -119,10 +132,10 @@ class Trainer:
         return tokens[:, :-1], tokens[:, 1:]
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; call inside ``topo.loss_context()``."""
         with autocast(self.precision, self.device):
             logits = self.model(x)
-        with self.topo.loss_context():
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -139,9 +152,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(n_micro):
             x, y = self._batch(self.train_data, first + i * mb, mb)
-            loss = self._loss(x, y) / n_micro
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
+            with topo.loss_context():  # vocab-parallel loss needs its backward inside too
+                loss = self._loss(x, y) / n_micro
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += self.topo.local_value(loss.detach())
         topo.all_reduce_grads(self.params)
         if self.master:
             self.master.grads_to_master()
@@ -183,7 +197,8 @@ class Trainer:
         n = min(batches, usable)
         for i in range(n):
             x, y = self._batch(self.valid_data, (i * topo.dp_size + topo.dp_rank) * mb, mb)
-            total += self._loss(x, y)
+            with topo.loss_context():
+                total += topo.local_value(self._loss(x, y))
         self.model.train()
         return topo.mean_over_dp(total / n).item()
 
