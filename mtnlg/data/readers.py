@@ -14,13 +14,14 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd")
-PROBLEM_KINDS = ("invalid_json", "missing_key", "not_text", "invalid_utf8", "empty")
+PROBLEM_KINDS = ("invalid_json", "missing_key", "not_text", "invalid_utf8", "empty", "unreadable")
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,30 @@ def read_text_file(path: str, on_problem: ProblemHandler) -> Iterator[Document]:
 
 
 def read_documents(files: Iterable[str], text_key: str, on_problem: ProblemHandler) -> Iterator[Document]:
-    """Stream documents from every file in order."""
+    """Stream documents from every file in order.
+
+    A file that cannot be read or decompressed (corrupt gzip/zstd, permission)
+    is reported as ``unreadable`` at the last line reached, and reading goes on
+    with the next file.
+    """
     for path in files:
-        if is_json_lines(path):
-            yield from read_jsonl(path, text_key, on_problem)
-        else:
-            yield from read_text_file(path, on_problem)
+        last_line = 0
+        try:
+            if is_json_lines(path):
+                for doc in read_jsonl(path, text_key, on_problem):
+                    last_line = doc.line
+                    yield doc
+            else:
+                yield from read_text_file(path, on_problem)
+        except Exception as err:
+            if not _is_read_error(err):
+                raise
+            on_problem(Problem("unreadable", path, last_line + 1, f"{type(err).__name__}: {err}"))
+
+
+def _is_read_error(err: Exception) -> bool:
+    """I/O and decompression failures (gzip: OSError/EOFError/zlib.error; zstandard: ZstdError)."""
+    return isinstance(err, (OSError, EOFError, zlib.error)) or type(err).__name__ == "ZstdError"
 
 
 def shard_files(files: list[str], shard: int, num_shards: int) -> list[str]:
