@@ -26,7 +26,7 @@ import numpy as np
 from mtnlg.data.indexed import IndexedDataset
 from mtnlg.errors import UserError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _SLACK = 1.005  # each blended dataset builds 0.5% more samples than its share (as Megatron)
 
 
@@ -103,17 +103,26 @@ def _cached(directory: str, key: dict, names: tuple[str, ...], build) -> list[np
 
 def _build_packed_indices(lengths: np.ndarray, first_doc: int, seq_len: int, num_samples: int,
                           seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices whose first k entries do not depend on ``num_samples`` (for any
+    k <= num_samples): documents are permuted per epoch from one stream, and
+    samples are shuffled in fixed blocks of one epoch's worth, each block from
+    its own seed.  So extending a run (more steps, hence more samples) keeps
+    the order of every sample already planned."""
     tokens_per_epoch = int(lengths.sum())
-    epochs = max(1, -(-(num_samples * seq_len + 1) // tokens_per_epoch))
-    rng = np.random.default_rng([seed, INDEX_VERSION])
+    block = max(1, tokens_per_epoch // seq_len)  # samples per shuffle block
+    n_blocks = -(-num_samples // block)
+    built = n_blocks * block  # whole blocks, so the last one is a full permutation
+    epochs = max(1, -(-(built * seq_len + 1) // tokens_per_epoch))
+    doc_rng = np.random.default_rng([seed, INDEX_VERSION, 0])
     docs = np.arange(first_doc, first_doc + len(lengths), dtype=np.int64)
-    doc_idx = np.concatenate([rng.permutation(docs) for _ in range(epochs)])
+    doc_idx = np.concatenate([doc_rng.permutation(docs) for _ in range(epochs)])
     ends = np.cumsum(lengths[doc_idx - first_doc])
-    starts = np.arange(num_samples + 1, dtype=np.int64) * seq_len
+    starts = np.arange(built + 1, dtype=np.int64) * seq_len
     pos = np.searchsorted(ends, starts, side="right")
     offset = starts - (ends[pos] - lengths[doc_idx[pos] - first_doc])
     sample_idx = np.stack([pos, offset], axis=1).astype(np.int64)
-    shuffle_idx = rng.permutation(num_samples).astype(np.int64)
+    shuffle_idx = np.concatenate([b * block + np.random.default_rng([seed, INDEX_VERSION, 1, b]).permutation(block)
+                                  for b in range(n_blocks)])[:num_samples].astype(np.int64)
     return doc_idx, sample_idx, shuffle_idx
 
 

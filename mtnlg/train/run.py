@@ -72,11 +72,11 @@ def tokenizer_path(cfg: Config) -> Path:
     return path
 
 
-def build_data(cfg: Config, dp_size: int):
+def build_data(cfg: Config):
     from mtnlg.data.samples import build_datasets
     t = cfg.train
     n_train = t.steps * t.global_batch
-    n_eval = max(1, t.eval_batches) * t.micro_batch * dp_size
+    n_eval = max(1, t.eval_batches) * t.micro_batch
     split = tuple(float(x) for x in cfg.data.split)
     return build_datasets(data_blend(cfg), split, cfg.model.seq_len, t.seed,
                           (n_train, n_eval, n_eval), cache_dir=cfg.data.cache_dir or None)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.copyfile(tok_path, run_dir / "tokenizer.json")
     topo.barrier()
 
-    train_ds, valid_ds, _ = build_data(cfg, topo.dp_size)
+    train_ds, valid_ds, _ = build_data(cfg)
     peak = cfg.logging.peak_tflops or default_peak_tflops(device, cfg.train.precision)
     trainer = Trainer(cfg, model, train_ds, valid_ds, run_dir, device, topo, peak_tflops=peak)
     resumed = trainer.resume()

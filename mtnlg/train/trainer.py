@@ -187,20 +187,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
-        batches = batches or self.cfg.train.eval_batches
+        """Mean loss over the first ``eval_batches * micro_batch`` validation
+        samples (the same samples whatever the data-parallel degree: each dp
+        rank takes an equal contiguous share)."""
         mb, topo = self.cfg.train.micro_batch, self.topo
-        usable = len(self.valid_data) // (mb * topo.dp_size)
-        if usable == 0:
+        total_samples = min((batches or self.cfg.train.eval_batches) * mb, len(self.valid_data))
+        share = total_samples // topo.dp_size
+        if share == 0:
             return float("nan")
         self.model.eval()
+        first = topo.dp_rank * share
         total = torch.zeros((), device=self.device)
-        n = min(batches, usable)
-        for i in range(n):
-            x, y = self._batch(self.valid_data, (i * topo.dp_size + topo.dp_rank) * mb, mb)
+        for start in range(first, first + share, mb):
+            n = min(mb, first + share - start)
+            x, y = self._batch(self.valid_data, start, n)
             with topo.loss_context():
-                total += topo.local_value(self._loss(x, y))
+                total += topo.local_value(self._loss(x, y)) * n
         self.model.train()
-        return topo.mean_over_dp(total / n).item()
+        return topo.mean_over_dp(total / share).item()
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None, logger: MetricsLogger | None = None) -> list[dict]:
