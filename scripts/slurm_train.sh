@@ -36,4 +36,4 @@ srun --kill-on-bad-exit=1 torchrun \
     --rdzv-id "$SLURM_JOB_ID" \
     --rdzv-backend c10d \
     --rdzv-endpoint "$HEAD_NODE:$RDZV_PORT" \
-    -m mtnlg train --config "$CONFIG" --run "$RUN" "${OVERRIDES[@]}"
+    -m mtnlg train --config "$CONFIG" --run-dir "$RUN" "${OVERRIDES[@]}"

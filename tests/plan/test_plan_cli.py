@@ -33,7 +33,6 @@ def test_search_table_and_json(capsys):
 
 
 def test_dry_run_text(capsys):
-    pytest.importorskip("mtnlg.parallel.tensor")
     text = _run(capsys, "--config", "configs/tiny.toml", "--gpus", "4", "--tp", "2", "--pp", "2",
                 "--dry-run", "--rank", "3")
     assert "match" in text and "MISMATCH" not in text

@@ -7,7 +7,6 @@ from mtnlg.plan import Layout
 from mtnlg.plan.dryrun import dry_run
 from mtnlg.plan.memory import stage_params_local, total_params_all_ranks
 
-pytest.importorskip("mtnlg.parallel.tensor")
 BIG = load_config("configs/mtnlg-530b.toml").model
 
 
