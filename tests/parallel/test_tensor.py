@@ -57,16 +57,10 @@ def train_steps(model, opt, batches, loss_ctx, clip=1.0):
 
 @torch.no_grad()
 def greedy(model, prompt, new_tokens):
-    from mtnlg.model.gpt import KVCache
+    """The real KV-cache decoding path (mtnlg.infer.generate), full logits gathered per step."""
+    from mtnlg.infer.generate import generate
     from mtnlg.parallel.tensor import gather_logits
-    cache = KVCache(max_len=prompt.shape[1] + new_tokens)
-    out, start, x = [], 0, prompt
-    for _ in range(new_tokens):
-        logits = gather_logits(model(x, cache=cache, start=start))
-        start += x.shape[1]
-        x = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(x)
-    return torch.cat(out, 1)
+    return generate(model, prompt, new_tokens, greedy=True, gather_logits=gather_logits)[:, prompt.shape[1]:]
 
 
 def maxdiff(a, b):
