@@ -97,7 +97,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
         line = format_record(record)
         if self.bar is not None:
-            self.bar.set_postfix_str(line, refresh=False)
+            self.bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)
             self.bar.write(line)
         else:
             print(line, flush=True)
