@@ -158,13 +158,14 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
-    out = {
-        "model": load_model_state(path),
-        "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False),
-        "trainer": json.loads((path / "trainer.json").read_text()),
-        "rng": None,
-    }
+    out = {"model": load_model_state(path), "rng": None}
     rng_file = path / f"rng_rank{rank:05d}.pt"
-    if rng_file.exists():
-        out["rng"] = torch.load(rng_file, weights_only=False)
+    try:
+        out["optimizer"] = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False)
+        out["trainer"] = json.loads((path / "trainer.json").read_text())
+        if rng_file.exists():
+            out["rng"] = torch.load(rng_file, weights_only=False)
+    except Exception as e:  # torch.load and json raise many kinds on damaged files
+        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); point "
+                        f"{path.parent / 'latest'} at an earlier step_* directory to resume from it") from None
     return out

@@ -51,14 +51,6 @@ def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> t
     return load_config(config, overrides), False
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def data_blend(cfg: Config) -> list[tuple[float, str]]:
     if not cfg.data.blend:
         raise UserError("data.blend is empty: give [[weight, \"PREFIX\"], ...] of datasets made by `mtnlg preprocess`")
@@ -93,15 +85,13 @@ def run(args: argparse.Namespace) -> int:
     cfg, existing = resolve_config(run_dir, args.config, args.overrides)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    from mtnlg.parallel.mesh import init_distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims = None
     if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        from mtnlg.parallel.mesh import init_distributed
         from mtnlg.parallel.setup import check_layout
         dims = check_layout(cfg, world)  # fails before any work
-        rank, world, device = init_distributed(cfg.parallel.backend, device=cfg.train.device)
-    else:
-        rank, device = 0, pick_device(cfg.train.device)
+    rank, world, device = init_distributed(cfg.parallel.backend, device=cfg.train.device)
     tok_path = tokenizer_path(cfg)
 
     from mtnlg.data.tokenizer import load_tokenizer

@@ -147,3 +147,25 @@ def test_resume_may_extend_steps_but_not_change_the_model(tmp_path, sotu_small):
         train(run_dir, ["model.n_layers=3"], config=None)
     train(run_dir, ["train.steps=3"], config=None)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_damaged_checkpoint_and_torn_metrics_line(tmp_path, sotu_small):
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_overrides(sotu_small), stop_after=3)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # a crash mid-write
+    (run_dir / "checkpoints/step_00000003/optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="step_00000003 is damaged"):
+        train(run_dir, [], config=None)
+    (run_dir / "checkpoints/latest").write_text("step_00000009\n")
+    with pytest.raises(UserError, match="missing or incomplete"):
+        train(run_dir, [], config=None)
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path, sotu_small):
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_overrides(sotu_small), stop_after=3)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.2')
+    train(run_dir, [], config=None)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
