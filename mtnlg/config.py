@@ -59,6 +59,7 @@ class ParallelConfig:
     dp: int = _f(0, "data-parallel degree; 0 means world_size / (tp*pp)")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout regions along the sequence (needs tp > 1 to matter)")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    timeout_s: int = _f(1800, "seconds a collective may wait (e.g. for rank 0 writing a checkpoint) before the job fails")
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Config:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-        if t.batch_rampup and (len(t.batch_rampup) != 3 or any(int(x) <= 0 for x in t.batch_rampup)):
+        if t.batch_rampup and (len(t.batch_rampup) != 3 or any(type(x) is not int or x <= 0 for x in t.batch_rampup)):
             raise UserError(f"train.batch_rampup must be [start, increment, samples] of positive integers, got {t.batch_rampup}")
         if t.batch_rampup:
             start, inc, _ = (int(x) for x in t.batch_rampup)
@@ -155,7 +156,8 @@ class Config:
                 raise UserError("train.batch_rampup start and increment must be multiples of train.micro_batch")
             if (t.global_batch - start) % inc:
                 raise UserError("train.global_batch - batch_rampup start must be a multiple of the increment")
-        if len(self.data.split) != 3 or any(float(x) < 0 for x in self.data.split) or sum(self.data.split) <= 0:
+        if (len(self.data.split) != 3 or any(isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0
+                                             for x in self.data.split) or sum(self.data.split) <= 0):
             raise UserError(f"data.split must be three non-negative ratios, got {self.data.split}")
         for i, entry in enumerate(self.data.blend):
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (int, float)) and isinstance(entry[1], str)):
@@ -164,6 +166,15 @@ class Config:
                 raise UserError(f"data.blend[{i}] weight must be positive, got {entry[0]}")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise UserError("optim.lr must be positive and 0 <= optim.min_lr <= optim.lr")
+        if self.logging.log_interval < 1:
+            raise UserError(f"logging.log_interval must be >= 1, got {self.logging.log_interval}")
+        for name in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "eval_batches", "threads"):
+            if getattr(t, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if self.optim.warmup_steps < 0 or self.optim.decay_steps < 0:
+            raise UserError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if p.timeout_s <= 0:
+            raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
         if self.logging.progress_bar not in ("auto", "always", "never"):
             raise UserError(f"logging.progress_bar must be auto, always or never, got {self.logging.progress_bar!r}")
         return self

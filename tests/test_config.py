@@ -39,6 +39,11 @@ def test_overrides_parse_toml_literals():
     ("train.global_batch=12", "must be a multiple of train.micro_batch"),
     ("data.blend=[[1.0]]", "data.blend[0] must be [weight"),
     ("optim.lr", "must look like section.key=value"),
+    ('train.batch_rampup=["a", 8, 16]', "train.batch_rampup must be [start, increment, samples]"),
+    ('data.split=["a", 1, 1]', "data.split must be three non-negative ratios"),
+    ("logging.log_interval=0", "logging.log_interval must be >= 1"),
+    ("train.save_interval=-1", "train.save_interval must be >= 0"),
+    ("parallel.timeout_s=0", "parallel.timeout_s must be positive"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--temperature must be > 0 (use --greedy for deterministic decoding)")
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    from mtnlg.parallel.mesh import pick_device
+    device = pick_device(args.device, 0)
     cfg, model, tok = load_run(args.run, device, args.checkpoint)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for prompt in args.prompt or [""]:

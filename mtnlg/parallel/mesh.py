@@ -86,12 +86,13 @@ class ParallelDims:
         return init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIM_NAMES)
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """auto (cuda if available), cpu or cuda:local_rank; a clear error otherwise."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but CUDA is not available")
+            raise UserError("device cuda was requested but CUDA is not available on this machine")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if device != "cpu":
@@ -99,7 +100,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str = "auto", timeout_s: int = 120,
+def init_distributed(backend: str = "auto", timeout_s: int = 1800,
                      device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK.
 
@@ -112,7 +113,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 120,
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if world_size <= 1:
         return 0, 1, dev
     if backend == "auto":

@@ -21,6 +21,11 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     if dims.pp > 1:
         raise UserError(f"parallel.pp={dims.pp}: pipeline parallelism is not available in training yet "
                         f"(use `mtnlg plan` to study pipeline layouts); set parallel.pp=1")
+    t, unit = cfg.train, cfg.train.micro_batch * dims.dp
+    sizes = [t.global_batch] + ([t.batch_rampup[0], t.batch_rampup[1]] if t.batch_rampup else [])
+    if any(size % unit for size in sizes):
+        raise UserError(f"global batch / ramp-up sizes {sizes} must be multiples of micro_batch x dp = "
+                        f"{t.micro_batch} x {dims.dp} = {unit}")
     return dims
 
 

@@ -116,13 +116,17 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor] 
         os.replace(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / "latest", final.name + "\n")
-        _prune(root, keep)
+        _fsync_dir(root)
+        _prune(root, keep, current=final)
     barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+def _prune(root: Path, keep: int, current: Path) -> None:
+    # step dirs after `current` belong to an abandoned timeline (latest was pointed back):
+    # they must not push the checkpoint just written out of the window
+    done = sorted(p for p in root.glob("step_*")
+                  if p.is_dir() and not p.name.endswith(".tmp") and p.name <= current.name)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.tmp"):

@@ -20,7 +20,9 @@ import torch
 
 from mtnlg.errors import UserError
 
-GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "A10": 125.0}
+# dense bf16 datasheet peaks; more specific names first (H100 PCIe/NVL are lower than SXM)
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0, "H100": 989.0, "H200": 989.0,
+                   "B200": 2250.0, "L40S": 362.0, "A10": 125.0}
 
 
 def measure_matmul_tflops(shapes: list[tuple[int, int, int]] | None = None, dtype=torch.bfloat16,

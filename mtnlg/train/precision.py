@@ -31,19 +31,24 @@ def param_dtype(precision: str) -> torch.dtype:
 class MasterWeights:
     """Float32 master copies of low-precision parameters.
 
-    The optimizer is built over ``self.params`` (the fp32 copies).  After
-    backward, ``grads_to_master()`` moves gradients across; after the
-    optimizer step, ``master_to_model()`` rounds the updated weights back.
+    The optimizer is built over ``self.params`` (the fp32 copies).  After each
+    micro-batch's backward, ``accumulate_grads()`` adds its gradients into the
+    fp32 master gradients (so accumulation and the data-parallel all-reduce
+    happen in fp32, like Megatron's ``main_grad``); after the optimizer step,
+    ``master_to_model()`` rounds the updated weights back.
     """
 
     def __init__(self, model_params: list[torch.nn.Parameter]):
         self.model_params = model_params
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
 
-    def grads_to_master(self) -> None:
+    def accumulate_grads(self) -> None:
+        """Add this micro-batch's low-precision gradients into the fp32 master
+        gradients (summing many micro-batches in bf16 would lose precision)."""
         for p, m in zip(self.model_params, self.params):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:

@@ -64,6 +64,23 @@ def tokenizer_path(cfg: Config) -> Path:
     return path
 
 
+def check_data_matches_tokenizer(cfg: Config, tok_path: Path, vocab: int) -> None:
+    """The model's vocabulary must cover the tokenizer, and every dataset must
+    have been tokenized with it (the .idx header records its fingerprint)."""
+    from mtnlg.data.indexed import IndexedDataset
+    from mtnlg.data.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(str(tok_path))
+    if tokenizer.vocab_size > vocab:
+        raise UserError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                        f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+    for _, prefix in data_blend(cfg):
+        ds = IndexedDataset(prefix, verify=False)
+        if ds.fingerprint != tokenizer.fingerprint() or ds.vocab_size > vocab:
+            raise UserError(f"dataset {prefix} was tokenized with a different tokenizer (vocab {ds.vocab_size}) "
+                            f"than {tok_path} (vocab {tokenizer.vocab_size}); set data.tokenizer to the one used "
+                            f"by `mtnlg preprocess`, or re-run it with --tokenizer {tok_path}")
+
+
 def build_data(cfg: Config):
     from mtnlg.data.samples import build_datasets
     t = cfg.train
@@ -91,15 +108,13 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from mtnlg.parallel.setup import check_layout
         dims = check_layout(cfg, world)  # fails before any work
-    rank, world, device = init_distributed(cfg.parallel.backend, device=cfg.train.device)
-    tok_path = tokenizer_path(cfg)
-
-    from mtnlg.data.tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(str(tok_path))
+    rank, world, device = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, device=cfg.train.device)
+    # a resumed run keeps the tokenizer it was trained with; a new one copies data.tokenizer
+    tok_path = run_dir / "tokenizer.json" if existing else tokenizer_path(cfg)
+    if not tok_path.exists():
+        raise UserError(f"{tok_path} is missing; copy the tokenizer this run was trained with there")
     vocab = cfg.model.padded_vocab(cfg.parallel.tp)
-    if tokenizer.vocab_size > vocab:
-        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                        f"set model.vocab_size >= {tokenizer.vocab_size}")
+    check_data_matches_tokenizer(cfg, tok_path, vocab)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
     model.to(param_dtype(cfg.train.precision))
@@ -116,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not existing:
             (run_dir / "config.toml").write_text(dump_toml(cfg))
-        shutil.copyfile(tok_path, run_dir / "tokenizer.json")
+            shutil.copyfile(tok_path, run_dir / "tokenizer.json")
     topo.barrier()
 
     train_ds, valid_ds, _ = build_data(cfg)

@@ -28,6 +28,5 @@ def global_batch_at(consumed_samples: int, train: TrainConfig) -> int:
         return train.global_batch
     start, inc, ramp_samples = (int(x) for x in train.batch_rampup)
     n_increments = max(1, (train.global_batch - start) // inc)
-    per_increment = ramp_samples / n_increments
-    size = start + int(consumed_samples // per_increment) * inc
+    size = start + (consumed_samples * n_increments // ramp_samples) * inc
     return min(size, train.global_batch)

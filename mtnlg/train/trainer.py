@@ -35,6 +35,8 @@ from mtnlg.train.topology import Topology
 def config_digest(cfg: Config) -> str:
     d = to_dict(cfg)
     d.pop("logging")
+    d.pop("parallel")  # checkpoints hold full tensors: a run may resume under another layout...
+    d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -85,13 +87,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.step = 0
         self.consumed_samples = 0
+        # The cosine length is fixed when the run starts: extending a run with more
+        # train.steps continues at min_lr instead of jumping back up the curve.
+        self.schedule_steps = cfg.train.steps
         self.seq_len = cfg.model.seq_len
         vocab = getattr(model, "vocab_size", None)
         self.flops_per_token = flops_per_token(cfg.model, recompute=False, vocab=vocab)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples,
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "schedule_steps": self.schedule_steps,
                 "config_digest": config_digest(self.cfg),
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
@@ -133,6 +138,7 @@ class Trainer:
         if self.scaler and state["trainer"].get("scaler"):
             self.scaler.load_state_dict(state["trainer"]["scaler"])
         self.step = state["trainer"]["step"]
+        self.schedule_steps = state["trainer"].get("schedule_steps", self.schedule_steps)
         self.consumed_samples = state["trainer"]["consumed_samples"]
         if state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
@@ -158,7 +164,7 @@ class Trainer:
         if gb % (mb * topo.dp_size):
             raise UserError(f"global batch {gb} is not a multiple of micro_batch {mb} x dp {topo.dp_size}")
         n_micro = gb // (mb * topo.dp_size)
-        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        lr = lr_at(self.step, cfg.optim, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
@@ -168,17 +174,20 @@ class Trainer:
             with topo.loss_context():  # vocab-parallel loss needs its backward inside too
                 loss = self._loss(x, y) / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if self.master:
+                self.master.accumulate_grads()
             total += self.topo.local_value(loss.detach())
-        topo.all_reduce_grads(self.params)
-        if self.master:
-            self.master.grads_to_master()
         params = self.master.params if self.master else self.params
+        topo.all_reduce_grads(params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        if not self.scaler and not torch.isfinite(grad_norm):  # fp16: the scaler skips such steps
+            raise UserError(f"gradient norm became {float(grad_norm)} at step {self.step + 1} (nothing was "
+                            f"applied or saved); lower optim.lr or use train.precision=bf16-autocast")
         record = {}
         if self.scaler:
             scale = self.scaler.get_scale()
@@ -201,23 +210,23 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
         """Mean loss over the first ``eval_batches * micro_batch`` validation
-        samples (the same samples whatever the data-parallel degree: each dp
-        rank takes an equal contiguous share)."""
+        samples: the same samples whatever the data-parallel degree (each dp
+        rank takes a contiguous share, possibly uneven)."""
         mb, topo = self.cfg.train.micro_batch, self.topo
         total_samples = min((batches or self.cfg.train.eval_batches) * mb, len(self.valid_data))
-        share = total_samples // topo.dp_size
-        if share == 0:
+        if total_samples == 0:
             return float("nan")
+        lo = topo.dp_rank * total_samples // topo.dp_size
+        hi = (topo.dp_rank + 1) * total_samples // topo.dp_size
         self.model.eval()
-        first = topo.dp_rank * share
         total = torch.zeros((), device=self.device)
-        for start in range(first, first + share, mb):
-            n = min(mb, first + share - start)
+        for start in range(lo, hi, mb):
+            n = min(mb, hi - start)
             x, y = self._batch(self.valid_data, start, n)
             with topo.loss_context():
                 total += topo.local_value(self._loss(x, y)) * n
         self.model.train()
-        return topo.mean_over_dp(total / share).item()
+        return (topo.mean_over_dp(total) * topo.dp_size / total_samples).item()
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None, logger: MetricsLogger | None = None) -> list[dict]:
@@ -234,6 +243,9 @@ class Trainer:
             while self.step < end:
                 t0 = time.perf_counter()
                 record = self.train_step()
+                if not math.isfinite(record["loss"]) and not record.get("skipped"):
+                    raise UserError(f"loss became {record['loss']} at step {self.step}; "
+                                    f"lower optim.lr or use train.precision=bf16-autocast")
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 busy += time.perf_counter() - t0
@@ -251,9 +263,6 @@ class Trainer:
                         record["mfu"] = record["tflops"] / self.peak_tflops
                     if self.device.type == "cuda":
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                    if not math.isfinite(record["loss"]):
-                        raise UserError(f"loss became {record['loss']} at step {self.step}; "
-                                        f"lower optim.lr or use train.precision=bf16-autocast")
                     logger.log(record)
                     records.append(record)
                     busy, tokens = 0.0, 0

@@ -1,5 +1,5 @@
 """End to end: `torchrun ... -m mtnlg train` with tensor and data parallelism
-produces the single-process loss curve, and resumes under TP."""
+produces the single-process loss curve, and a dp=2 run resumes as tp=2."""
 import os
 import subprocess
 import sys
@@ -44,10 +44,11 @@ def test_tp_and_dp_training_match_one_process(tmp_path, sotu_small):
     single = curve(tmp_path / "single")
     assert_same_curve(single, curve(tmp_path / "tp2"))
     assert_same_curve(single, curve(tmp_path / "dp2"))
-    out = launch(2, tmp_path / "tp2", ["train.steps=6"], config=None)  # resume under TP, extend the run
+    # resume the dp=2 run as tp=2 (checkpoints hold full tensors) and extend it
+    out = launch(2, tmp_path / "dp2", ["train.steps=6", "parallel.tp=2"], config=None)
     assert "resumed at step 4" in out.stdout
     launch(1, tmp_path / "single", ["train.steps=6"], config=None)
-    assert_same_curve(curve(tmp_path / "single"), curve(tmp_path / "tp2"))
+    assert_same_curve(curve(tmp_path / "single"), curve(tmp_path / "dp2"))
 
 
 def test_invalid_layout_fails_before_work(tmp_path, sotu_small):

@@ -169,3 +169,32 @@ def test_resume_drops_a_torn_metrics_line(tmp_path, sotu_small):
         f.write('{"step": 4, "loss": 1.2')
     train(run_dir, [], config=None)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_extending_a_run_continues_the_lr_schedule(tmp_path, sotu_small):
+    over = tiny_overrides(sotu_small, **{"train.steps": 4, "optim.warmup_steps": 1})
+    train(tmp_path / "r", over)
+    train(tmp_path / "r", ["train.steps=6"], config=None)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "r")]
+    assert lrs[1:] == sorted(lrs[1:], reverse=True)  # decays monotonically across the extension
+    assert lrs[4:] == [pytest.approx(1e-4), pytest.approx(1e-4)]  # continues at min_lr, no jump back up
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    root = tmp_path / "ckpt"
+    state = {"w": torch.zeros(2)}
+    for step in (100, 200, 300):
+        ckpt.save_checkpoint(root, step, state, {}, {"step": step}, keep=2)
+    (root / "latest").write_text("step_00000200\n")  # a user points latest back (e.g. after a bad step)
+    ckpt.save_checkpoint(root, 250, state, {}, {"step": 250}, keep=2)
+    assert ckpt.latest_checkpoint(root).name == "step_00000250"
+    assert (root / "step_00000200").exists()
+
+
+def test_dataset_tokenized_with_another_tokenizer_is_refused(tmp_path, sotu_small):
+    from mtnlg.data.tokenizer import train_tokenizer
+    other = tmp_path / "other.json"
+    train_tokenizer(["a different corpus entirely " * 50, "with other words " * 40], 300).save(str(other))
+    with pytest.raises(UserError, match="was tokenized with a different tokenizer"):
+        train(tmp_path / "r", tiny_overrides(sotu_small, **{"data.tokenizer": f'"{other}"'}))
+    assert not (tmp_path / "r").exists()
