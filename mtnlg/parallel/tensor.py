@@ -128,6 +128,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bo
 
     for block in model.blocks.values():
         parallelize_module(block, tp_mesh, _block_plan(sequence_parallel))
+        if cfg.dropout > 0:
+            per_rank_attention_rng(block.attn, tp_mesh.get_local_rank())
         if sequence_parallel:
             block.attn.resid_drop = SequenceShardDropout(block.attn.resid_drop.p, tp_mesh)
             block.mlp.drop = SequenceShardDropout(block.mlp.drop.p, tp_mesh)
@@ -147,6 +149,39 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bo
     setattr(model, _TP_ATTR, tp_mesh)
     model._mtnlg_sequence_parallel = sequence_parallel
     return model
+
+
+def per_rank_attention_rng(attn: nn.Module, tp_rank: int) -> None:
+    """Give attention dropout on this rank's heads its own random stream.
+
+    Every tp rank shares one RNG state (replicated regions need identical
+    masks), so without this each rank would draw the same attention-dropout
+    mask for its local heads and head h would always share its mask with head
+    h + H/tp.  Before the attention core we draw one seed from the shared
+    stream (all ranks draw the same, so they stay in step), seed the generator
+    with seed + tp_rank, and restore the shared state before the output
+    projection, whose residual dropout uses the shared stream again.  This is
+    Megatron's model-parallel RNG tracker in two hooks; activation
+    checkpointing replays it exactly because the seed comes from the shared
+    stream it restores."""
+    saved: dict = {}
+
+    def enter(mod, args):
+        if mod.training and mod.dropout > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            saved["cpu"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                saved["cuda"] = torch.cuda.get_rng_state()
+            torch.manual_seed(seed + tp_rank)
+
+    def leave(mod, args):
+        if saved:
+            torch.set_rng_state(saved.pop("cpu"))
+            if "cuda" in saved:
+                torch.cuda.set_rng_state(saved.pop("cuda"))
+
+    attn.register_forward_pre_hook(enter)
+    attn.proj.register_forward_pre_hook(leave)
 
 
 def _reduce_grad(p: torch.Tensor) -> None:

@@ -206,3 +206,27 @@ def test_dropout_sequence_parallel_matches_tp(results):
     for rank, res in enumerate(results):
         d = res["dropout"]
         assert d["sp_vs_tp"] < ATOL and d["replicas_equal"] and d["finite"] and d["dropout_active"], (rank, d)
+
+
+def test_attention_dropout_streams_differ_per_tp_rank_and_ranks_stay_in_step():
+    """Without per-rank streams, head h and head h + H/tp would share dropout masks."""
+    import copy
+
+    from mtnlg.config import ModelConfig
+    from mtnlg.model.gpt import build_model
+    from mtnlg.parallel.tensor import per_rank_attention_rng
+
+    cfg = ModelConfig(n_layers=1, hidden=32, n_heads=2, seq_len=16, vocab_size=64, make_vocab_divisible_by=64,
+                      dropout=0.5)
+    base = build_model(cfg, "cpu", seed=0)
+    x = torch.randn(2, 16, 32)
+    outs, states = [], []
+    for rank in (0, 1, 1):
+        attn = copy.deepcopy(base.blocks["0"].attn).train()
+        per_rank_attention_rng(attn, rank)
+        torch.manual_seed(123)
+        outs.append(attn(x))
+        states.append(torch.get_rng_state())
+    assert not torch.equal(outs[0], outs[1])  # different masks on different tp ranks
+    assert torch.equal(outs[1], outs[2])  # reproducible for a given rank and seed
+    assert torch.equal(states[0], states[1])  # the shared stream advanced identically: ranks stay in step
