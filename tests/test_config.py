@@ -68,3 +68,20 @@ def test_dump_round_trips(tmp_path):
     path.write_text(dump_toml(cfg))
     assert load_config(path) == cfg
     assert Config().validate() == Config()
+
+
+def test_530b_schedule_counts_tokens_as_the_paper_with_batch_rampup():
+    """Warm-up over 1B tokens, batch 32 -> 1920 over 12B, cosine to 340B, stop at 270B tokens."""
+    from mtnlg.train.schedule import global_batch_at
+    cfg = load_config("configs/mtnlg-530b.toml")
+    s, consumed, tokens_at = cfg.model.seq_len, 0, {}
+    marks = {cfg.optim.warmup_steps: "warmup", cfg.train.steps: "end",
+             cfg.optim.warmup_steps + cfg.optim.decay_steps: "decay"}
+    for step in range(1, max(marks) + 1):
+        consumed += global_batch_at(consumed, cfg.train)
+        if step in marks:
+            tokens_at[marks[step]] = consumed * s
+    assert global_batch_at(0, cfg.train) == 32 and global_batch_at(12_000_000_000 // s, cfg.train) == 1920
+    assert tokens_at["warmup"] == pytest.approx(1e9, rel=0.01)
+    assert tokens_at["end"] == pytest.approx(270e9, rel=0.01)
+    assert tokens_at["decay"] == pytest.approx(340e9, rel=0.01)

@@ -20,18 +20,15 @@ def test_cuda_model_matches_cpu_and_caches():
     assert torch.equal(generate(gpu, prompt, 20, greedy=True), generate(gpu, prompt, 20, greedy=True, use_cache=False))
 
 
-def test_bf16_training_step_on_cuda():
-    cfg = ModelConfig(n_layers=2, hidden=128, n_heads=4, seq_len=64, vocab_size=512, make_vocab_divisible_by=64)
-    model = build_model(cfg, "cuda", seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 512, (4, 65), device="cuda")
-    losses = []
-    for _ in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast", "fp16"])
+def test_trainer_on_cuda_learns_and_resumes_bitwise(tmp_path, sotu_small, precision):
+    """The real Trainer on CUDA: master weights / GradScaler / CUDA RNG state in checkpoints."""
+    from trainhelpers import losses, read_metrics, tiny_overrides, train
+    over = tiny_overrides(sotu_small, **{"train.device": "cuda", "train.precision": precision,
+                                         "model.dropout": 0.1, "optim.lr": 3e-3})
+    train(tmp_path / "full", over)
+    train(tmp_path / "split", over, stop_after=3)
+    train(tmp_path / "split", [], config=None)
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    records = read_metrics(tmp_path / "full")
+    assert records[-1]["loss"] < records[0]["loss"] and "max_memory_gb" in records[-1]

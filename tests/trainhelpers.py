@@ -1,6 +1,7 @@
 """Helpers shared by trainer and CLI tests."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -22,3 +23,20 @@ def tiny_overrides(prefix: str, **extra) -> list[str]:
 
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train(run_dir, overrides, stop_after=None, config="configs/tiny.toml"):
+    """`mtnlg train` in-process (same code path as the console command)."""
+    from mtnlg.train.run import add_arguments, run
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--run", str(run_dir)] + (["--config", config] if config else [])
+    for o in overrides:
+        argv += ["--set", o]
+    if stop_after:
+        argv += ["--stop-after", str(stop_after)]
+    return run(parser.parse_args(argv))
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r.get("val_loss"), r["lr"], r["grad_norm"]) for r in read_metrics(run_dir)]

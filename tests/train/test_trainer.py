@@ -6,29 +6,13 @@ import shutil
 import pytest
 import torch
 
-from trainhelpers import read_metrics, tiny_overrides
+from trainhelpers import losses, read_metrics, tiny_overrides, train
 from mtnlg.config import load_config
 from mtnlg.errors import UserError
 from mtnlg.model.gpt import build_model
 from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.ac import apply_activation_checkpointing
-from mtnlg.train.run import add_arguments, run
 from mtnlg.train.schedule import global_batch_at, lr_at
-
-
-def train(run_dir, overrides, stop_after=None, config="configs/tiny.toml"):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    argv = ["--run", str(run_dir)] + (["--config", config] if config else [])
-    for o in overrides:
-        argv += ["--set", o]
-    if stop_after:
-        argv += ["--stop-after", str(stop_after)]
-    return run(parser.parse_args(argv))
-
-
-def losses(run_dir):
-    return [(r["step"], r["loss"], r.get("val_loss"), r["lr"], r["grad_norm"]) for r in read_metrics(run_dir)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
