@@ -19,8 +19,9 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     """Validate the layout before any work (raises UserError)."""
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
     if dims.pp > 1:
-        raise UserError(f"parallel.pp={dims.pp}: pipeline parallelism is not available in training yet "
-                        f"(use `mtnlg plan` to study pipeline layouts); set parallel.pp=1")
+        raise UserError(f"parallel.pp={dims.pp}: the trainer does not run pipeline stages yet (the stage "
+                        f"split and 1F1B schedule in mtnlg.parallel.pipeline are tested, but checkpointing a "
+                        f"pipelined run is not); use tp/dp, or `mtnlg plan` to study pipeline layouts")
     t, unit = cfg.train, cfg.train.micro_batch * dims.dp
     sizes = [t.global_batch] + ([t.batch_rampup[0], t.batch_rampup[1]] if t.batch_rampup else [])
     if any(size % unit for size in sizes):

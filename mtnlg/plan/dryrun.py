@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
-from mtnlg.plan.layout import Layout, rank_coords, stage_block_ids
+from mtnlg.plan.layout import Layout, rank_coords
 
 
 @contextlib.contextmanager
@@ -37,22 +37,6 @@ def fake_process_group(rank: int, world_size: int):
         dist.destroy_process_group()
 
 
-def split_stage(model, n_layers: int, pp: int, stage: int):
-    """Keep only ``stage``'s parts of ``model`` (in place); names stay the full model's."""
-    if pp == 1:
-        return model
-    keep = {str(i) for i in stage_block_ids(n_layers, pp, stage)}
-    for name in [n for n in model.blocks.keys() if n not in keep]:
-        del model.blocks[name]
-    if stage != 0:
-        model.tok_emb = None
-        model.pos_emb = None
-    if stage != pp - 1:
-        model.ln_f = None
-        model.lm_head = None
-    return model
-
-
 def local_numel(p) -> int:
     return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
@@ -62,6 +46,7 @@ def dry_run(cfg: ModelConfig, layout: Layout, rank: int = 0) -> dict:
     coordinates, exact local parameter count and parameter names."""
     from mtnlg.model.gpt import build_model
     from mtnlg.parallel.mesh import ParallelDims
+    from mtnlg.parallel.pipeline import split_stage
     from mtnlg.parallel.tensor import apply_tensor_parallel
 
     coords = rank_coords(rank, layout)
@@ -73,7 +58,7 @@ def dry_run(cfg: ModelConfig, layout: Layout, rank: int = 0) -> dict:
         mesh = dims.build_mesh("cpu")
         model = build_model(cfg, "meta", vocab_size=vocab)
         apply_tensor_parallel(model, mesh["tp"], layout.sequence_parallel and layout.tp > 1)
-        split_stage(model, cfg.n_layers, layout.pp, coords["pp"])
+        split_stage(model, coords["pp"], layout.pp)  # the trainer's own stage split
         params = list(model.parameters())  # unique: a tied weight is listed once
         n = sum(local_numel(p) for p in params)
         blocks = sorted(int(k) for k in model.blocks.keys())
