@@ -1,6 +1,6 @@
 """Parallelize a built model for the trainer, in the documented order:
-tensor parallel -> (pipeline stages: not yet) -> activation checkpointing (by
-the caller) -> data parallel (gradient all-reduce over the dp mesh).
+tensor parallel -> pipeline stage split -> activation checkpointing (by the
+caller) -> data parallel (gradient all-reduce over the dp mesh).
 
 Returns the ``Topology`` the trainer reads; the model itself stays the plain
 GPT, with its parameters turned into DTensors by tensor parallelism.
@@ -18,15 +18,17 @@ from mtnlg.train.topology import Topology
 def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     """Validate the layout before any work (raises UserError)."""
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
-    if dims.pp > 1:
-        raise UserError(f"parallel.pp={dims.pp}: the trainer does not run pipeline stages yet (the stage "
-                        f"split and 1F1B schedule in mtnlg.parallel.pipeline are tested, but checkpointing a "
-                        f"pipelined run is not); use tp/dp, or `mtnlg plan` to study pipeline layouts")
+    if dims.pp > 1 and cfg.train.precision == "fp16":
+        raise UserError(f"parallel.pp={dims.pp} does not support train.precision=fp16 (dynamic loss scaling) yet; "
+                        f"use bf16 or fp32")
     t, unit = cfg.train, cfg.train.micro_batch * dims.dp
     sizes = [t.global_batch] + ([t.batch_rampup[0], t.batch_rampup[1]] if t.batch_rampup else [])
     if any(size % unit for size in sizes):
         raise UserError(f"global batch / ramp-up sizes {sizes} must be multiples of micro_batch x dp = "
                         f"{t.micro_batch} x {dims.dp} = {unit}")
+    if dims.pp > 1 and min(sizes) // unit < dims.pp:
+        raise UserError(f"the 1F1B pipeline schedule needs at least pp={dims.pp} micro-batches per step, but the "
+                        f"smallest global batch {min(sizes)} gives {min(sizes) // unit} (micro_batch x dp = {unit})")
     return dims
 
 
@@ -38,7 +40,8 @@ def parallelize(cfg: Config, model: torch.nn.Module, device: torch.device, rank:
     if dims.tp > 1:
         tp.apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
     dp_mesh = mesh["dp"]
-    return Topology(
+    pp = _apply_pipeline(model, mesh["pp"], dims.pp, device) if dims.pp > 1 else {}
+    return Topology(**pp,
         rank=rank, world_size=dims.world_size, dp_rank=dp_mesh.get_local_rank(), dp_size=dims.dp,
         dp_group=dp_mesh.get_group() if dims.dp > 1 else None, mesh=mesh,
         loss_context=lambda: tp.loss_context(model),
@@ -53,3 +56,29 @@ def _shard_like(full: torch.Tensor, ref):
     if isinstance(ref, DTensor):
         return distribute_tensor(full.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
     return full
+
+
+def _apply_pipeline(model: torch.nn.Module, pp_mesh, pp: int, device: torch.device) -> dict:
+    """Cut ``model`` down to this rank's stage; return the Topology fields.
+    Schedules are built lazily, one per (micro-batch count, batch rows):
+    batch ramp-up and evaluation change them, and a PipelineStage fixes its
+    activation shapes on first use."""
+    from mtnlg.parallel import pipeline as pl
+
+    pp_rank = pp_mesh.get_local_rank()
+    pl.split_stage(model, pp_rank, pp)
+    group = pp_mesh.get_group()
+    cache: dict = {}
+
+    def pipeline(n_micro: int, rows: int, loss_fn, context=None, schedule: str = "1f1b"):
+        key = (n_micro, rows, schedule)
+        if key not in cache:
+            cache[key] = pl.build_pipeline_schedule(model, group, pp_rank, pp, n_micro, loss_fn,
+                                                    schedule=schedule, device=device, context=context)
+        return cache[key]
+
+    return dict(pp_size=pp, pp_rank=pp_rank, pp_group=group,
+                pp_first_rank=torch.distributed.get_global_rank(group, 0),
+                pp_last_rank=torch.distributed.get_global_rank(group, pp - 1),
+                pipeline=pipeline, tied_copies=pl.tied_copies(model),
+                clip_grad_norm=lambda params, max_norm, skip=(): pl.clip_grad_norm_(params, max_norm, group, skip))

@@ -145,8 +145,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """Full weights with tied aliases restored."""
+def load_model_state(path: Path, with_aliases: bool = False):
+    """Full weights with tied aliases restored (and the alias map if asked)."""
     from safetensors import safe_open
     file = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
     try:
@@ -155,14 +155,16 @@ def load_model_state(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises several kinds on damaged files
         raise UserError(f"cannot read checkpoint weights {file}: {e}") from None
-    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+    aliases = json.loads(meta.get("aliases", "{}"))
+    for alias, target in aliases.items():
         state[alias] = state[target]
-    return state
+    return (state, aliases) if with_aliases else state
 
 
 def load_checkpoint(path: Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
-    out = {"model": load_model_state(path), "rng": None}
+    model, aliases = load_model_state(path, with_aliases=True)
+    out = {"model": model, "aliases": aliases, "rng": None}
     rng_file = path / f"rng_rank{rank:05d}.pt"
     try:
         out["optimizer"] = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False)

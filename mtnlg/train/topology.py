@@ -38,6 +38,17 @@ class Topology:
     full_tensor: Callable[[Any], torch.Tensor] = lambda x: x  # sharded tensor -> full plain tensor (collective)
     shard_like: Callable[[torch.Tensor, Any], Any] = lambda full, ref: full  # full tensor -> this rank's piece, like ref
     extra: dict = field(default_factory=dict)
+    # pipeline parallelism (pp_size > 1): this rank's stage runs through ``pipeline(n_micro, rows, loss_fn,
+    # context)`` -> mtnlg.parallel.pipeline.PipelineSchedule; the loss lives on the last stage
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Any = None
+    pp_first_rank: int = 0  # global rank of this pipeline's first stage
+    pp_last_rank: int = 0  # global rank of this pipeline's last stage
+    pipeline: Callable[..., Any] | None = None
+    tied_copies: list = field(default_factory=list)  # last stage's lm_head copy: clipped, not counted in the norm
+    clip_grad_norm: Callable[..., torch.Tensor] = (
+        lambda params, max_norm, skip=(): torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +64,22 @@ class Topology:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
             t /= self.dp_size
         return t
+
+    def broadcast_from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's value of ``t`` on every stage (for logging)."""
+        if self.pp_size > 1:
+            t = t.clone()
+            dist.broadcast(t, src=self.pp_last_rank, group=self.pp_group)
+        return t
+
+    def gather_stages(self, obj: Any) -> list | None:
+        """Every pipeline stage's ``obj`` (a picklable dict of CPU tensors), in
+        stage order, on this pipeline's first stage; None on the other stages."""
+        if self.pp_size == 1:
+            return [obj]
+        out = [None] * self.pp_size if self.pp_rank == 0 else None
+        dist.gather_object(obj, out, dst=self.pp_first_rank, group=self.pp_group)
+        return out
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients over data-parallel replicas (one flat bucket)."""

@@ -103,38 +103,59 @@ class Trainer:
     def _opt_params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _opt_names(self) -> list[str]:
+        """Parameter names in optimizer order (the optimizer was built from parameter_groups)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for g in parameter_groups(self.model, 0.0) for p in g["params"]]
+
     def save(self) -> Path:
-        """Full (unsharded) model and optimizer state, so a checkpoint loads into any layout."""
-        full = self.topo.full_tensor
-        model_state = self.topo.full_state_dict(self.model)
-        opt = self.optimizer.state_dict()
-        opt["state"] = {i: {k: full(v) if torch.is_tensor(v) else v for k, v in st.items()}
-                        for i, st in opt["state"].items()}
-        optim = {"optimizer": opt, "master": [full(m.detach()) for m in self.master.params] if self.master else None}
+        """Full (unsharded) model and optimizer state keyed by parameter name,
+        gathered from every pipeline stage, so a checkpoint loads into any layout."""
+        full, topo = self.topo.full_tensor, self.topo
+        cpu = lambda v: full(v).detach().cpu() if torch.is_tensor(v) else v  # noqa: E731
+        names = self._opt_names()
+        model_state = {k: cpu(v) for k, v in topo.full_state_dict(self.model).items()}
+        opt_state = {names[int(i)]: {k: cpu(v) for k, v in st.items()}
+                     for i, st in self.optimizer.state_dict()["state"].items()}
+        master = {n: cpu(m) for n, m in zip(names, self.master.params)} if self.master else None
+        stages = topo.gather_stages((model_state, opt_state, master))
+        if topo.is_main:
+            model_state, opt_state, master = {}, {}, ({} if self.master else None)
+            for m, o, w in stages:
+                model_state.update(m)
+                opt_state.update(o)
+                if w is not None:
+                    master.update(w)
+        optim = {"format": "by-name", "state": opt_state, "master": master}
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optim, self.state(),
-                                    rank=self.topo.rank, barrier=self.topo.barrier,
-                                    keep=self.cfg.train.keep_checkpoints)
+                                    rank=topo.rank, barrier=topo.barrier, keep=self.cfg.train.keep_checkpoints)
 
     def resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path, self.topo.rank, map_location=self.device)
+        state = ckpt.load_checkpoint(path, self.topo.rank, map_location="cpu")
         if state["trainer"].get("config_digest") != config_digest(self.cfg):
             raise UserError(f"checkpoint {path} was written with a different model/data/optimizer config; "
                             f"start a new --run directory or restore the original config.toml")
-        self.topo.load_full_state_dict(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
-        opt = state["optimizer"]["optimizer"]
-        params = self._opt_params()
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.shape == params[int(i)].shape:
-                    st[k] = self.topo.shard_like(v, params[int(i)])
+        own = self.model.state_dict().keys()  # a pipeline stage holds only its own part
+        self.topo.load_full_state_dict(self.model, {k: state["model"][k].to(self.device) for k in own
+                                                    if k in state["model"]})
+        saved, aliases = state["optimizer"], state["aliases"]
+        lookup = lambda table, name: table.get(name, table.get(aliases.get(name)))  # noqa: E731  tied copies
+        params, names = self._opt_params(), self._opt_names()
+        opt = self.optimizer.state_dict()
+        opt["state"] = {}
+        for i, (name, p) in enumerate(zip(names, params)):
+            st = lookup(saved["state"], name)
+            if st is not None:
+                opt["state"][i] = {k: self.topo.shard_like(v.to(self.device), p)
+                                   if torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
         self.optimizer.load_state_dict(opt)
         if self.master:
             with torch.no_grad():
-                for m, saved in zip(self.master.params, state["optimizer"]["master"]):
-                    m.copy_(self.topo.shard_like(saved.to(self.device), m))
+                for name, m in zip(names, self.master.params):
+                    m.copy_(self.topo.shard_like(lookup(saved["master"], name).to(self.device), m))
         if self.scaler and state["trainer"].get("scaler"):
             self.scaler.load_state_dict(state["trainer"]["scaler"])
         self.step = state["trainer"]["step"]
@@ -169,20 +190,30 @@ class Trainer:
             group["lr"] = lr
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
         total = torch.zeros((), device=self.device)
-        for i in range(n_micro):
-            x, y = self._batch(self.train_data, first + i * mb, mb)
-            with topo.loss_context():  # vocab-parallel loss needs its backward inside too
-                loss = self._loss(x, y) / n_micro
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
+            x, y = self._batch(self.train_data, first, n_micro * mb)
+            losses = self._pipeline(n_micro, n_micro * mb).step(x, y)
             if self.master:
                 self.master.accumulate_grads()
-            total += self.topo.local_value(loss.detach())
+            if losses is not None:
+                total = losses.mean().to(self.device)
+            total = topo.broadcast_from_last_stage(total)
+        else:
+            for i in range(n_micro):
+                x, y = self._batch(self.train_data, first + i * mb, mb)
+                with topo.loss_context():  # vocab-parallel loss needs its backward inside too
+                    loss = self._loss(x, y) / n_micro
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                if self.master:
+                    self.master.accumulate_grads()
+                total += self.topo.local_value(loss.detach())
         params = self.master.params if self.master else self.params
         topo.all_reduce_grads(params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        tied = {id(p) for p in topo.tied_copies}  # the shared embedding counts once, on the first stage
+        grad_norm = topo.clip_grad_norm(params, clip, [q for p, q in zip(self.params, params) if id(p) in tied])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         if not self.scaler and not torch.isfinite(grad_norm):  # fp16: the scaler skips such steps
@@ -207,6 +238,12 @@ class Trainer:
                       consumed_samples=self.consumed_samples, global_batch=gb)
         return record
 
+    def _pipeline(self, n_micro: int, rows: int, schedule: str = "1f1b"):
+        """This rank's pipeline schedule for batches of ``rows`` in ``n_micro`` micro-batches."""
+        def loss_fn(logits, targets):
+            return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten())
+        return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), schedule)
+
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
         """Mean loss over the first ``eval_batches * micro_batch`` validation
@@ -220,7 +257,14 @@ class Trainer:
         hi = (topo.dp_rank + 1) * total_samples // topo.dp_size
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for start in range(lo, hi, mb):
+        if topo.pp_size > 1 and hi > lo:  # forward-only GPipe over the share, micro-batches of mb rows (or 1)
+            rows = mb if (hi - lo) % mb == 0 else 1
+            x, y = self._batch(self.valid_data, lo, hi - lo)
+            losses = self._pipeline((hi - lo) // rows, hi - lo, "gpipe").eval(x, y)
+            if losses is not None:
+                total = losses.sum().to(self.device) * rows
+            total = topo.broadcast_from_last_stage(total)
+        for start in range(lo, hi, mb) if topo.pp_size == 1 else ():
             n = min(mb, hi - start)
             x, y = self._batch(self.valid_data, start, n)
             with topo.loss_context():

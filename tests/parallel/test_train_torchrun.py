@@ -60,3 +60,17 @@ def test_invalid_layout_fails_before_work(tmp_path, sotu_small):
     assert proc.returncode != 0
     assert "mtnlg train: error: world size 2 is not divisible by tp*pp = 4*1 = 4" in proc.stdout + proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_pipeline_training_matches_one_process_and_resumes_in_another_layout(tmp_path, sotu_small):
+    """pp=2 x tp=2 (4 processes, 1F1B) gives the single-process curve; its checkpoint (gathered
+    from both stages) resumes as pp=2 alone and continues on the single-process curve."""
+    over = tiny_overrides(sotu_small, **{"train.steps": 4, "train.eval_interval": 2, "train.save_interval": 2,
+                                         "model.n_layers": 3})
+    launch(1, tmp_path / "single", over + ["train.threads=1"])
+    launch(4, tmp_path / "pp", over + ["parallel.pp=2", "parallel.tp=2"])
+    assert_same_curve(curve(tmp_path / "single"), curve(tmp_path / "pp"))
+    out = launch(2, tmp_path / "pp", ["train.steps=6", "parallel.pp=2", "parallel.tp=1"], config=None)
+    assert "resumed at step 4" in out.stdout
+    launch(1, tmp_path / "single", ["train.steps=6"], config=None)
+    assert_same_curve(curve(tmp_path / "single"), curve(tmp_path / "pp"))
