@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, model, train_ds, valid_ds, run_dir, device, topo, peak_tflops=peak)
     resumed = trainer.resume()
     if topo.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        from mtnlg.model.flops import param_count
+        n_params = param_count(cfg.model, vocab)  # the whole model, whatever this rank holds
         what = f"resumed at step {trainer.step}" if resumed else "new run"
         print(f"mtnlg train: {what} in {run_dir} | {n_params / 1e6:.2f}M params | device {device} | "
               f"world {topo.world_size} (dp {topo.dp_size}) | {cfg.train.precision} | "
