@@ -57,6 +57,8 @@ class ParallelConfig:
     tp: int = _f(1, "tensor-parallel degree (innermost mesh dimension, within a node)")
     pp: int = _f(1, "pipeline-parallel degree")
     dp: int = _f(0, "data-parallel degree; 0 means world_size / (tp*pp)")
+    zero: int = _f(0, "ZeRO sharding over the dp ranks (FSDP2): 0 = plain data parallelism (gradient all-reduce), "
+                      "1 = shard optimizer state, 2 = + gradients, 3 = + parameters; see docs/parallel.md")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout regions along the sequence (needs tp > 1 to matter)")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     timeout_s: int = _f(1800, "seconds a collective may wait (e.g. for rank 0 writing a checkpoint) before the job fails")
@@ -138,6 +140,8 @@ class Config:
             raise UserError(f"parallel.tp={p.tp} must divide the MLP width {m.ffn}")
         if p.pp > m.n_layers:
             raise UserError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+        if p.zero not in (0, 1, 2, 3):
+            raise UserError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero!r}")
         if p.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"parallel.backend must be auto, nccl or gloo, got {p.backend!r}")
         if t.micro_batch <= 0 or t.global_batch <= 0:

@@ -1,6 +1,7 @@
 """Parallelize a built model for the trainer, in the documented order:
-tensor parallel -> pipeline stage split -> activation checkpointing (by the
-caller) -> data parallel (gradient all-reduce over the dp mesh).
+tensor parallel -> pipeline stage split -> data parallel (gradient all-reduce
+over the dp mesh by the trainer, or with ``parallel.zero`` > 0 FSDP2 sharding,
+see mtnlg/parallel/data.py) -> activation checkpointing (by the caller).
 
 Returns the ``Topology`` the trainer reads; the model itself stays the plain
 GPT, with its parameters turned into DTensors by tensor parallelism.
@@ -17,7 +18,9 @@ from mtnlg.train.topology import Topology
 
 def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     """Validate the layout before any work (raises UserError)."""
+    from mtnlg.parallel.data import check_zero
     dims = ParallelDims.from_config(cfg.parallel, cfg.model, world_size)
+    check_zero(cfg.parallel.zero, dims.dp, dims.pp, cfg.train.precision)
     if dims.pp > 1 and cfg.train.precision == "fp16":
         raise UserError(f"parallel.pp={dims.pp} does not support train.precision=fp16 (dynamic loss scaling) yet; "
                         f"use bf16 or fp32")
@@ -34,6 +37,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
 
 def parallelize(cfg: Config, model: torch.nn.Module, device: torch.device, rank: int,
                 dims: ParallelDims) -> Topology:
+    from mtnlg.parallel import data
     from mtnlg.parallel import tensor as tp
 
     mesh = dims.build_mesh(device.type)
@@ -41,11 +45,16 @@ def parallelize(cfg: Config, model: torch.nn.Module, device: torch.device, rank:
         tp.apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
     dp_mesh = mesh["dp"]
     pp = _apply_pipeline(model, mesh["pp"], dims.pp, device) if dims.pp > 1 else {}
+    zero = cfg.parallel.zero if data.uses_fsdp(cfg.parallel.zero, dims.dp) else 0
+    if zero:
+        data.apply_data_parallel(model, dp_mesh, zero, cfg.train.precision)
+    sd = data if zero else tp  # full_state_dict / load_full_state_dict
     return Topology(**pp,
+        zero=zero, before_micro_batch=data.micro_batch_hook(model, zero),
         rank=rank, world_size=dims.world_size, dp_rank=dp_mesh.get_local_rank(), dp_size=dims.dp,
         dp_group=dp_mesh.get_group() if dims.dp > 1 else None, mesh=mesh,
         loss_context=lambda: tp.loss_context(model),
-        full_state_dict=tp.full_state_dict, load_full_state_dict=tp.load_full_state_dict,
+        full_state_dict=sd.full_state_dict, load_full_state_dict=sd.load_full_state_dict,
         gather_logits=tp.gather_logits, local_value=tp.local_value, full_tensor=tp.local_value,
         shard_like=_shard_like)
 

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     check_data_matches_tokenizer(cfg, tok_path, vocab)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
-    model.to(param_dtype(cfg.train.precision))
+    fsdp = dims is not None and dims.dp > 1 and cfg.parallel.zero > 0  # FSDP keeps fp32 shards (bf16 via its policy)
+    model.to(torch.float32 if fsdp else param_dtype(cfg.train.precision))
     if dims is not None:
         from mtnlg.parallel.setup import parallelize
         topo = parallelize(cfg, model, device, rank, dims)
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         n_params = param_count(cfg.model, vocab)  # the whole model, whatever this rank holds
         what = f"resumed at step {trainer.step}" if resumed else "new run"
         print(f"mtnlg train: {what} in {run_dir} | {n_params / 1e6:.2f}M params | device {device} | "
-              f"world {topo.world_size} (dp {topo.dp_size}) | {cfg.train.precision} | "
+              f"world {topo.world_size} (dp {topo.dp_size}{f', zero {topo.zero}' if topo.zero else ''}) | "
+              f"{cfg.train.precision} | "
               f"train samples {len(train_ds)} | peak {peak:.3f} TFLOP/s", flush=True)
     if trainer.step >= cfg.train.steps:
         if topo.is_main:

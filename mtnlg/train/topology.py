@@ -30,6 +30,10 @@ class Topology:
     dp_size: int = 1
     dp_group: Any = None
     mesh: Any = None
+    # parallel.zero > 0: FSDP2 shards parameters/gradients/optimizer state over dp and reduces gradients
+    # in backward (all_reduce_grads does nothing); before_micro_batch(last) runs before each micro-batch
+    zero: int = 0
+    before_micro_batch: Callable[[bool], None] = lambda last: None
     loss_context: Callable[[], Any] = contextlib.nullcontext
     full_state_dict: Callable[[torch.nn.Module], dict] = _plain_state_dict
     load_full_state_dict: Callable[[torch.nn.Module, dict], None] = _load_plain_state_dict
@@ -82,8 +86,9 @@ class Topology:
         return out
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over data-parallel replicas (one flat bucket)."""
-        if self.dp_size == 1:
+        """Average gradients over data-parallel replicas (one flat bucket).
+        Under ZeRO (FSDP) backward already reduce-scattered them."""
+        if self.dp_size == 1 or self.zero:
             return
         grads = [p.grad for p in params if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]

@@ -74,7 +74,10 @@ class Trainer:
         self.precision = cfg.train.precision
         self.peak_tflops = peak_tflops
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = MasterWeights(self.params) if param_dtype(self.precision) != torch.float32 else None
+        # bf16 parameters get an fp32 master copy; under ZeRO (FSDP) the parameters stay fp32 shards and
+        # the FSDP mixed-precision policy computes in bf16, so the shards are the master copy
+        low = any(p.dtype != torch.float32 for p in self.params)
+        self.master = MasterWeights(self.params) if param_dtype(self.precision) != torch.float32 and low else None
         opt_params = self.master.params if self.master else self.params
         groups = parameter_groups(model, cfg.optim.weight_decay)
         if self.master:  # same grouping, over the fp32 master copies
@@ -117,7 +120,7 @@ class Trainer:
         model_state = {k: cpu(v) for k, v in topo.full_state_dict(self.model).items()}
         opt_state = {names[int(i)]: {k: cpu(v) for k, v in st.items()}
                      for i, st in self.optimizer.state_dict()["state"].items()}
-        master = {n: cpu(m) for n, m in zip(names, self.master.params)} if self.master else None
+        master = {n: cpu(m) for n, m in zip(names, self._opt_params())} if self.master else None
         stages = topo.gather_stages((model_state, opt_state, master))
         if topo.is_main:
             model_state, opt_state, master = {}, {}, ({} if self.master else None)
@@ -138,11 +141,18 @@ class Trainer:
         if state["trainer"].get("config_digest") != config_digest(self.cfg):
             raise UserError(f"checkpoint {path} was written with a different model/data/optimizer config; "
                             f"start a new --run directory or restore the original config.toml")
-        own = self.model.state_dict().keys()  # a pipeline stage holds only its own part
-        self.topo.load_full_state_dict(self.model, {k: state["model"][k].to(self.device) for k in own
-                                                    if k in state["model"]})
         saved, aliases = state["optimizer"], state["aliases"]
         lookup = lambda table, name: table.get(name, table.get(aliases.get(name)))  # noqa: E731  tied copies
+        # A bf16 run's fp32 master copies are the weights of an fp32-parameter run (ZeRO's fp32 shards),
+        # and an fp32-parameter run's weights are the master copies of a bf16 run.
+        weights = state["model"]
+        if saved.get("master") and not self.master:
+            first: dict = {}  # tied weights: the name the optimizer (and the master table) knows them by
+            canon = {n: first.setdefault(id(p), n) for n, p in self.model.named_parameters(remove_duplicate=False)}
+            master = {k: lookup(saved["master"], canon.get(k, k)) for k in weights}
+            weights = {k: v if master[k] is None else master[k] for k, v in weights.items()}
+        own = self.model.state_dict().keys()  # a pipeline stage holds only its own part
+        self.topo.load_full_state_dict(self.model, {k: weights[k].to(self.device) for k in own if k in weights})
         params, names = self._opt_params(), self._opt_names()
         opt = self.optimizer.state_dict()
         opt["state"] = {}
@@ -154,8 +164,13 @@ class Trainer:
         self.optimizer.load_state_dict(opt)
         if self.master:
             with torch.no_grad():
-                for name, m in zip(names, self.master.params):
-                    m.copy_(self.topo.shard_like(lookup(saved["master"], name).to(self.device), m))
+                for name, m in zip(names, self._opt_params()):
+                    w = lookup(saved["master"] or state["model"], name)
+                    if tuple(w.shape) != tuple(m.shape):  # checkpoints before the fix keyed them in the wrong order
+                        raise UserError(f"checkpoint {path} stores fp32 master weight {name!r} with shape "
+                                        f"{tuple(w.shape)}, the model has {tuple(m.shape)}: it was written by an "
+                                        f"mtnlg that misnamed bf16 master copies; resume it with that version")
+                    m.copy_(self.topo.shard_like(w.to(self.device, torch.float32), m))
         if self.scaler and state["trainer"].get("scaler"):
             self.scaler.load_state_dict(state["trainer"]["scaler"])
         self.step = state["trainer"]["step"]
@@ -201,6 +216,7 @@ class Trainer:
         else:
             for i in range(n_micro):
                 x, y = self._batch(self.train_data, first + i * mb, mb)
+                topo.before_micro_batch(i == n_micro - 1)
                 with topo.loss_context():  # vocab-parallel loss needs its backward inside too
                     loss = self._loss(x, y) / n_micro
                     (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -1,0 +1,149 @@
+"""Data parallelism with ZeRO-style sharding over the dp mesh (FSDP2).
+
+``parallel.zero`` picks what each data-parallel rank keeps a 1/dp shard of:
+
+    zero  optimizer state  gradients            parameters (at rest / during the step)
+    0     full             full (all-reduced)    full / full           plain data parallelism
+    1     1/dp             full until the step's  1/dp / full           ~ DeepSpeed ZeRO-1
+                           last micro-batch
+    2     1/dp             1/dp                   1/dp / full           ~ DeepSpeed ZeRO-2
+    3     1/dp             1/dp                   1/dp / one block      ~ DeepSpeed ZeRO-3
+
+All three levels are ``fully_shard`` (FSDP2) per transformer block and then on
+the root (embeddings, final norm, tied head) over ``mesh["dp"]``; they differ
+only in when parameters are resharded and when gradients are reduced:
+
+* zero=3: ``reshard_after_forward=True``: each block's parameters are
+  all-gathered for its forward, freed, all-gathered again for its backward;
+  gradients are reduce-scattered after each micro-batch's backward.
+* zero=2: ``reshard_after_forward=False`` and, on every micro-batch but the
+  step's last, ``set_reshard_after_backward(False)``: parameters are gathered
+  once per step and kept until the last backward; gradients are
+  reduce-scattered (fp32) after every micro-batch into sharded accumulators.
+* zero=1: as zero=2, plus ``set_requires_gradient_sync(False)`` on all but
+  the last micro-batch: full gradients accumulate locally (in fp32) and are
+  reduce-scattered once per step.
+
+The optimizer steps the 1/dp shards (DTensors), so its state is sharded at
+every level.  Unlike DeepSpeed ZeRO-1/2 the parameters are also sharded
+between steps (after the optimizer step), which saves memory and costs
+nothing: DeepSpeed all-gathers the updated partitions after its step, FSDP at
+the start of the next forward.
+
+Precision: the sharded parameters are fp32.  ``bf16`` becomes
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: blocks compute
+on bf16 copies gathered from the fp32 shards, gradients are reduce-scattered
+and accumulated in fp32, and the optimizer updates the fp32 shards, so the
+trainer's ``MasterWeights`` is not needed (the fp32 shard is the master copy).
+``fp32`` and ``bf16-autocast`` use fp32 parameters without a policy.
+
+With tensor parallelism the dp shards are taken of the tp shards (2-D
+DTensors on the ``(dp, tp)`` sub-mesh).  Pipeline parallelism with zero>0 is
+refused for now (see docs/parallel.md).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from mtnlg.errors import UserError
+
+ZERO_LEVELS = (0, 1, 2, 3)
+
+
+def check_zero(zero: int, dp: int, pp: int, precision: str) -> None:
+    """Validate ``parallel.zero`` against the layout (raises UserError)."""
+    if zero not in ZERO_LEVELS:
+        raise UserError(f"parallel.zero must be 0 (plain data parallelism), 1 (shard optimizer state), "
+                        f"2 (+ gradients) or 3 (+ parameters), got {zero!r}")
+    if zero and pp > 1:
+        raise UserError(f"parallel.zero={zero} with parallel.pp={pp} is not supported yet; "
+                        f"use parallel.zero=0 with pipeline parallelism")
+    if zero and precision == "fp16":
+        raise UserError(f"parallel.zero={zero} does not support train.precision=fp16 (dynamic loss scaling) "
+                        f"yet; use bf16, bf16-autocast or fp32")
+
+
+def uses_fsdp(zero: int, dp: int) -> bool:
+    """Whether ``apply_data_parallel`` shards anything (zero>0 over dp>1 ranks);
+    with dp=1 there is nothing to shard and zero is ignored."""
+    return zero > 0 and dp > 1
+
+
+def mixed_precision(precision: str):
+    """The FSDP2 policy for a train.precision (None: compute in the fp32 parameters' dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, precision: str = "fp32") -> nn.Module:
+    """Shard ``model`` (fp32 parameters, tensor parallelism already applied)
+    over ``dp_mesh`` with FSDP2 in place and return it.  zero=0 or a size-1
+    mesh leaves it untouched (the trainer all-reduces gradients instead)."""
+    from torch.distributed.fsdp import fully_shard
+    if not uses_fsdp(zero, dp_mesh.size()):
+        return model
+    low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if low:
+        raise UserError(f"parallel.zero={zero} shards fp32 parameters (bf16 compute comes from the FSDP "
+                        f"mixed-precision policy), but the model holds {', '.join(low)} parameters")
+    kw = {"mesh": dp_mesh, "reshard_after_forward": zero == 3}
+    mp = mixed_precision(precision)
+    if mp is not None:
+        kw["mp_policy"] = mp
+    for block in model.blocks.values():
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def micro_batch_hook(model: nn.Module, zero: int) -> Callable[[bool], None]:
+    """``hook(last)``, called before each micro-batch's forward (``last`` on the
+    step's final one): keeps parameters (zero 1, 2) and unreduced gradients
+    (zero 1) across a step's micro-batches."""
+    modules = fsdp_modules(model)
+    if not modules or zero == 3:
+        return lambda last: None
+
+    def hook(last: bool) -> None:
+        for m in modules:
+            m.set_reshard_after_backward(last, recurse=False)
+            if zero == 1:
+                m.set_requires_gradient_sync(last, recurse=False)
+    return hook
+
+
+def reshard(model: nn.Module) -> None:
+    """Free gathered parameters (e.g. kept by a no-grad evaluation forward
+    under zero 1/2), so the module holds its sharded parameters again."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full plain tensors under the plain model's keys (all-gathers over dp and tp)."""
+    from mtnlg.parallel.tensor import full_state_dict as gather
+    reshard(model)
+    return gather(model)
+
+
+def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy full tensors into the sharded model; each rank slices its own piece."""
+    from mtnlg.parallel.tensor import load_full_state_dict as scatter
+    reshard(model)
+    scatter(model, sd, strict)
+
+
+def local_numel(tensors) -> int:
+    """Elements this rank stores for ``tensors`` (DTensor: the local shard)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
