@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
     "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
+    "export": ("mtnlg.convert.export_cmd", "write a run's checkpoint as a Hugging Face GPT-2 directory"),
+    "import": ("mtnlg.convert.import_cmd", "make a run directory from a Hugging Face GPT-2 directory"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
 
