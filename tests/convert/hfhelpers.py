@@ -1,0 +1,54 @@
+"""Helpers for the Hugging Face interop tests: a run directory whose every
+parameter (biases and LayerNorms included) is non-trivial, and real text."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sotu_texts(n: int, start: int = 200) -> list[str]:
+    """Real paragraphs from the shipped corpus, outside the slice the tokenizer was trained on."""
+    out = []
+    with gzip.open(ROOT / "data" / "sotu" / "sotu.jsonl.gz", "rt") as f:
+        for line in itertools.islice(f, start, None):
+            for para in json.loads(line)["text"].split("\n"):
+                if len(para) > 200:
+                    out.append(para)
+                if len(out) == n:
+                    return out
+    raise AssertionError(f"only {len(out)} paragraphs after line {start}")
+
+
+def make_run(run_dir: Path, tokenizer_file: str, *, seq_len: int = 128, divisible: int = 100, seed: int = 3,
+             noise: float = 0.05) -> Path:
+    """A run directory (config.toml, tokenizer.json, a checkpoint written by the
+    checkpoint module) whose weights are the Megatron init plus noise, so zero
+    biases and unit LayerNorm gains cannot hide a wrong mapping.  The padded
+    table (divisible=100 -> 600 rows for 512 tokens) makes the export trim."""
+    from mtnlg.config import Config, ModelConfig, dump_toml
+    from mtnlg.model.gpt import build_model
+    from mtnlg.train.checkpoint import save_checkpoint
+    from mtnlg.train.trainer import config_digest
+    cfg = Config(model=ModelConfig(n_layers=2, hidden=64, n_heads=4, ffn_hidden=160, seq_len=seq_len,
+                                   vocab_size=512, make_vocab_divisible_by=divisible, layernorm_eps=1e-5))
+    cfg.train.precision = "fp32"
+    model = build_model(cfg.model, "cpu", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
+    trainer = {"step": 7, "consumed_samples": 0, "schedule_steps": 7, "config_digest": config_digest(cfg),
+               "scaler": None}
+    save_checkpoint(run_dir / "checkpoints", 7, model.state_dict(), {"format": "by-name", "state": {}, "master": None},
+                    trainer)
+    return run_dir
