@@ -154,7 +154,9 @@ class LanguageModel:
         Without ``contexts`` every token of the text is scored after an
         end-of-document token (as lm-eval's rolling log-likelihood); with them,
         ``log p(text | context)``.  Texts longer than the context window are
-        scored in windows that each see as much earlier text as fits."""
+        scored in consecutive windows of ``context_length`` predictions, the
+        last one given as much earlier text as fits (the windows of lm-eval's
+        ``loglikelihood_rolling``); a context is cut from the left to fit."""
         single = isinstance(texts, str)
         tlist = [texts] if single else list(texts)
         if contexts is None:

@@ -13,17 +13,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def sotu_texts(n: int, start: int = 200) -> list[str]:
-    """Real paragraphs from the shipped corpus, outside the slice the tokenizer was trained on."""
+def sotu_texts(n: int, start: int = 200, words: int = 100) -> list[str]:
+    """``n`` pieces of ``words`` words of real text from the shipped corpus,
+    from documents after the slice the test tokenizer was trained on."""
     out = []
     with gzip.open(ROOT / "data" / "sotu" / "sotu.jsonl.gz", "rt") as f:
         for line in itertools.islice(f, start, None):
-            for para in json.loads(line)["text"].split("\n"):
-                if len(para) > 200:
-                    out.append(para)
+            ws = json.loads(line)["text"].split()
+            for k in range(0, len(ws) - words + 1, words):
+                out.append(" ".join(ws[k:k + words]))
                 if len(out) == n:
                     return out
-    raise AssertionError(f"only {len(out)} paragraphs after line {start}")
+    raise AssertionError(f"only {len(out)} pieces after line {start}")
 
 
 def make_run(run_dir: Path, tokenizer_file: str, *, seq_len: int = 128, divisible: int = 100, seed: int = 3,
