@@ -56,6 +56,18 @@ def test_import_logits_and_bitwise_round_trip(hf_dir, tmp_path, capsys):
         assert a[key] == b[key], key
 
 
+def test_bare_gpt2model_directory_loads(hf_dir, tmp_path):
+    """A GPT2Model (no LM head, keys without `transformer.`) loads with the tied head."""
+    import mtnlg
+    src, model = hf_dir
+    model.transformer.save_pretrained(tmp_path / "bare")
+    shutil.copyfile(src / "tokenizer.json", tmp_path / "bare" / "tokenizer.json")
+    lm = mtnlg.from_pretrained(tmp_path / "bare")
+    x = torch.tensor([lm.tokenizer.encode(sotu_texts(1)[0])[:50]])
+    with torch.no_grad():
+        assert (lm.model(x) - model(x).logits).abs().max().item() <= 1e-4
+
+
 def test_imported_run_continues_pretraining_from_the_hf_weights(hf_dir, sotu_small, tmp_path):
     """The first training step's loss is HF's loss on the same batch: training starts from its weights."""
     from trainhelpers import read_metrics, train
