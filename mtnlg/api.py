@@ -81,7 +81,10 @@ class LanguageModel:
         self._check_generate_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                                   num_return_sequences, stops)
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # fresh entropy, leaving torch's global RNG alone
+        else:
+            gen.manual_seed(seed)
         encoded = [self.tokenizer.encode(p) or [self.tokenizer.eod_id] for p in plist]
         if num_beams > 1:
             outs = [self._beam(ids, max_new_tokens, num_beams, num_return_sequences) for ids in encoded]

@@ -136,3 +136,16 @@ def test_readme_example_runs(run):
         exec(compile(code.replace('"runs/tiny"', repr(str(run))), "README.md", "exec"), {})
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("LanguageModel(") and len(lines) >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_api_on_cuda_matches_cpu(run, lm):
+    """The padded attention path on CUDA kernels (fp32; bf16 within its precision)."""
+    gpu = mtnlg.from_pretrained(run, device="cuda")
+    prompts = ["The economy", "Fellow citizens, the state of our Union", "We"]
+    assert gpu.score(prompts) == pytest.approx(lm.score(prompts), abs=1e-3)
+    assert gpu.generate(prompts, max_new_tokens=16) == lm.generate(prompts, max_new_tokens=16)
+    bf16 = mtnlg.from_pretrained(run, device="cuda", dtype="bf16")
+    assert bf16.score(prompts) == pytest.approx(lm.score(prompts), rel=0.05)
+    assert len(bf16.generate(prompts, max_new_tokens=16, do_sample=True, seed=0)) == 3

@@ -140,3 +140,16 @@ def test_bf16_export_and_sharding(noisy_run, tmp_path):
     for k, v in model.state_dict().items():
         if k in ref:
             assert torch.equal(v, ref[k].to(torch.bfloat16)), k
+
+
+def test_generate_and_eval_commands_take_a_hf_directory(exported, noisy_run, tmp_path, capsys):
+    from mtnlg.cli import main
+    args = ["--prompt", "The Congress", "--max-new-tokens", "12", "--greedy", "--json"]
+    assert main(["generate", "--run", str(exported)] + args) == 0
+    import mtnlg
+    from_hf = json.loads(capsys.readouterr().out)["completion"]
+    assert from_hf == mtnlg.from_pretrained(noisy_run).generate("The Congress", max_new_tokens=12)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(sotu_texts(2)))
+    assert main(["eval", "--run", str(exported), "--text", str(text), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])
