@@ -325,6 +325,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
             "dtype": dtype, **files}
 
 
+def save_initial_checkpoint(run_dir: Path, cfg, state: dict[str, torch.Tensor], step: int = 0) -> Path:
+    """Write ``state`` as checkpoint ``step`` of ``run_dir`` through the 1-process
+    Trainer, so the files are exactly what ``mtnlg train`` writes and resumes
+    (whatever the checkpoint format); the optimizer state starts empty."""
+    from mtnlg.model.gpt import build_model
+    from mtnlg.train.trainer import Trainer
+    model = build_model(cfg.model, "meta", vocab_size=state["tok_emb.weight"].shape[0])
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.tok_emb.weight
+    trainer = Trainer(cfg, model, None, None, run_dir, torch.device("cpu"))
+    trainer.step = step
+    return trainer.save()
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None,
               overrides: list[str] | None = None) -> dict:
     """Make a run directory (config.toml, tokenizer.json, a step-0 checkpoint)
@@ -333,8 +347,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
     import dataclasses
 
     from mtnlg.config import Config, apply_overrides, dump_toml, load_config
-    from mtnlg.train.checkpoint import save_checkpoint
-    from mtnlg.train.trainer import config_digest
     from mtnlg.convert.hf_files import staged_dir
     hf_dir = Path(hf_dir)
     mcfg = model_config_from_hf(read_hf_config(hf_dir), str(hf_dir))
@@ -355,9 +367,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
     with staged_dir(Path(run_dir)) as tmp:
         (tmp / "config.toml").write_text(dump_toml(cfg))
         tok.save(str(tmp / "tokenizer.json"))
-        trainer = {"step": 0, "consumed_samples": 0, "schedule_steps": cfg.train.steps,
-                   "config_digest": config_digest(cfg), "scaler": None, "imported_from": str(hf_dir.resolve())}
-        save_checkpoint(tmp / "checkpoints", 0, state, {"format": "by-name", "state": {}, "master": None}, trainer)
+        save_initial_checkpoint(tmp, cfg, state)
     n = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
     return {"run": str(run_dir), "params": n, "vocab": mcfg.vocab_size, "n_layers": mcfg.n_layers,
             "hidden": mcfg.hidden, "seq_len": mcfg.seq_len}

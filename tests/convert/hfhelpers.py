@@ -30,13 +30,12 @@ def sotu_texts(n: int, start: int = 200, words: int = 100) -> list[str]:
 def make_run(run_dir: Path, tokenizer_file: str, *, seq_len: int = 128, divisible: int = 100, seed: int = 3,
              noise: float = 0.05) -> Path:
     """A run directory (config.toml, tokenizer.json, a checkpoint written by the
-    checkpoint module) whose weights are the Megatron init plus noise, so zero
+    1-process Trainer, i.e. in the format `mtnlg train` writes) whose weights are the Megatron init plus noise, so zero
     biases and unit LayerNorm gains cannot hide a wrong mapping.  The padded
     table (divisible=100 -> 600 rows for 512 tokens) makes the export trim."""
     from mtnlg.config import Config, ModelConfig, dump_toml
+    from mtnlg.convert.hf import save_initial_checkpoint
     from mtnlg.model.gpt import build_model
-    from mtnlg.train.checkpoint import save_checkpoint
-    from mtnlg.train.trainer import config_digest
     cfg = Config(model=ModelConfig(n_layers=2, hidden=64, n_heads=4, ffn_hidden=160, seq_len=seq_len,
                                    vocab_size=512, make_vocab_divisible_by=divisible, layernorm_eps=1e-5))
     cfg.train.precision = "fp32"
@@ -48,8 +47,5 @@ def make_run(run_dir: Path, tokenizer_file: str, *, seq_len: int = 128, divisibl
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
     shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
-    trainer = {"step": 7, "consumed_samples": 0, "schedule_steps": 7, "config_digest": config_digest(cfg),
-               "scaler": None}
-    save_checkpoint(run_dir / "checkpoints", 7, model.state_dict(), {"format": "by-name", "state": {}, "master": None},
-                    trainer)
+    save_initial_checkpoint(run_dir, cfg, model.state_dict(), step=7)
     return run_dir
