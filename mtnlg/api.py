@@ -35,10 +35,9 @@ def from_pretrained(path: str | Path, *, device: str = "auto", dtype: str | torc
     dev = pick_device(device, 0)
     path = Path(path)
     if (path / "config.toml").is_file():
-        cfg, model, tok = load_run(path, dev, checkpoint, dtype)
-        mcfg = cfg.model
+        _, model, tok = load_run(path, dev, checkpoint, dtype)
     elif (path / "config.json").is_file():
-        mcfg, model, tok = load_hf_gpt2(path, dev, dtype)
+        _, model, tok = load_hf_gpt2(path, dev, dtype)
     else:
         raise UserError(f"{path} is neither a run directory (config.toml) nor a Hugging Face model (config.json)")
     return LanguageModel(model, tok, dev)

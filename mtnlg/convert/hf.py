@@ -225,10 +225,11 @@ def load_hf_tokenizer(hf_dir: Path):
 
 
 def load_hf_gpt2(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(ModelConfig, GPT in eval mode, Tokenizer) from a Hugging Face GPT-2 directory.
-
-    The model has exactly the HF table (``make_vocab_divisible_by = 1``); for
-    a ``Config``, wrap it: ``Config(model=cfg)``."""
+    """(Config, GPT in eval mode, Tokenizer) from a Hugging Face GPT-2 directory,
+    like ``mtnlg.infer.load.load_run`` for a run directory.  ``cfg.model``
+    describes the checkpoint (the table keeps exactly the HF rows:
+    ``make_vocab_divisible_by = 1``); the other sections are defaults."""
+    from mtnlg.config import Config
     from mtnlg.model.gpt import build_model
     hf_dir = Path(hf_dir)
     cfg = model_config_from_hf(read_hf_config(hf_dir), str(hf_dir))
@@ -239,7 +240,7 @@ def load_hf_gpt2(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     model = build_model(cfg, "meta")
     model.load_state_dict(state, assign=True)
     model.lm_head.weight = model.tok_emb.weight
-    return cfg, model.to(device=device, dtype=dtype).eval(), tok
+    return Config(model=cfg), model.to(device=device, dtype=dtype).eval(), tok
 
 
 # ----------------------------------------------------------------------------- export / import

@@ -21,8 +21,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists() and (run_dir / "config.json").exists() and checkpoint is None:
         from mtnlg.convert.hf import load_hf_gpt2  # a Hugging Face GPT-2 directory works too
-        mcfg, model, tok = load_hf_gpt2(run_dir, device, dtype)
-        return Config(model=mcfg), model, tok
+        return load_hf_gpt2(run_dir, device, dtype)
     if not (run_dir / "config.toml").exists():
         raise UserError(f"{run_dir} is not a run directory (no config.toml); train one with `mtnlg train --run {run_dir}`")
     cfg: Config = load_config(run_dir / "config.toml")
