@@ -68,6 +68,29 @@ def test_bare_gpt2model_directory_loads(hf_dir, tmp_path):
         assert (lm.model(x) - model(x).logits).abs().max().item() <= 1e-4
 
 
+def test_sharded_and_pickled_weights_load(hf_dir, tmp_path):
+    """Weights as a sharded safetensors index, or as pytorch_model.bin, load alike."""
+    import mtnlg
+    from mtnlg.convert.hf_files import write_safetensors
+    src, model = hf_dir
+    x = torch.tensor([mtnlg.from_pretrained(src).tokenizer.encode(sotu_texts(1)[0])[:60]])
+    with torch.no_grad():
+        ref = model(x).logits
+    state = model.state_dict()
+    for kind in ("sharded", "bin"):
+        d = tmp_path / kind
+        shutil.copytree(src, d)
+        (d / "model.safetensors").unlink()
+        if kind == "bin":
+            torch.save(state, d / "pytorch_model.bin")
+        else:
+            keys = [k for k in state if k != "lm_head.weight"]
+            assert len(write_safetensors(d, ((k, state[k]) for k in keys), 20_000)["files"]) > 3
+        lm = mtnlg.from_pretrained(d)
+        with torch.no_grad():
+            assert (lm.model(x) - ref).abs().max().item() <= 1e-4, kind
+
+
 def test_imported_run_continues_pretraining_from_the_hf_weights(hf_dir, sotu_small, tmp_path):
     """The first training step's loss is HF's loss on the same batch: training starts from its weights."""
     from trainhelpers import read_metrics, train
