@@ -265,6 +265,7 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    from mtnlg.train import checkpoint as ckpt
     from mtnlg.train.checkpoint import latest_checkpoint, step_dir
     root = Path(run_dir) / "checkpoints"
     if step is None:
@@ -276,6 +277,8 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     if not path.is_dir():
         have = sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit())
         raise UserError(f"{run_dir} has no checkpoint for step {step} (available: {have or 'none'})")
+    if hasattr(ckpt, "verify_checkpoint"):  # an explicit choice is checked, never silently replaced
+        ckpt.verify_checkpoint(path)
     return path
 
 
