@@ -347,7 +347,14 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
               overrides: list[str] | None = None) -> dict:
     """Make a run directory (config.toml, tokenizer.json, a step-0 checkpoint)
     from an HF GPT-2 directory.  ``config``/``overrides`` set the non-model
-    sections (data, optim, train ...) for continued pretraining."""
+    sections (data, optim, train ...) for continued pretraining.
+
+    The table keeps the HF rows (``make_vocab_divisible_by = 1``) unless the
+    overrides ask for Megatron padding (``model.make_vocab_divisible_by``,
+    ``parallel.tp``: the table must split evenly over tp ranks).  Padding rows
+    are the mean embedding: each then scores a token the average logit, so the
+    padding holds at most (rows added)/V of the probability (Jensen), ~0.1% for
+    GPT-2 at tp=2; export trims them again."""
     import dataclasses
 
     from mtnlg.config import Config, apply_overrides, dump_toml, load_config
@@ -362,16 +369,20 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
     apply_overrides(cfg, overrides or [])
     fixed = ("n_layers", "hidden", "n_heads", "ffn", "seq_len", "vocab_size")
     changed = [k for k in fixed if getattr(cfg.model, k) != getattr(mcfg, k)]
-    if changed or cfg.model.padded_vocab(cfg.parallel.tp) != mcfg.vocab_size:
-        what = ", ".join(f"model.{k}" for k in changed) or f"parallel.tp={cfg.parallel.tp} (pads the vocabulary)"
-        raise UserError(f"{what} cannot differ from the imported checkpoint's shape")
+    if changed:
+        raise UserError(f"{', '.join(f'model.{k}' for k in changed)} cannot differ from the imported checkpoint's shape")
     cfg.validate()
     state = load_hf_state(hf_dir, mcfg)
+    rows = cfg.model.padded_vocab(cfg.parallel.tp)
+    if rows > mcfg.vocab_size:  # Megatron padding asked for: mean-embedding rows (see above)
+        emb = state["tok_emb.weight"]
+        extra = emb.mean(0, keepdim=True).expand(rows - emb.shape[0], -1)
+        state["tok_emb.weight"] = state["lm_head.weight"] = torch.cat([emb, extra]).contiguous()
     cfg.data.tokenizer = ""  # the run keeps its own tokenizer.json
     with staged_dir(Path(run_dir)) as tmp:
         (tmp / "config.toml").write_text(dump_toml(cfg))
         tok.save(str(tmp / "tokenizer.json"))
         save_initial_checkpoint(tmp, cfg, state)
-    n = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
-    return {"run": str(run_dir), "params": n, "vocab": mcfg.vocab_size, "n_layers": mcfg.n_layers,
+    n = sum(t.numel() for k, t in state.items() if k != "lm_head.weight") - (rows - mcfg.vocab_size) * mcfg.hidden
+    return {"run": str(run_dir), "params": n, "vocab": mcfg.vocab_size, "rows": rows, "n_layers": mcfg.n_layers,
             "hidden": mcfg.hidden, "seq_len": mcfg.seq_len}

@@ -56,6 +56,27 @@ def test_import_logits_and_bitwise_round_trip(hf_dir, tmp_path, capsys):
         assert a[key] == b[key], key
 
 
+def test_import_with_megatron_vocab_padding(hf_dir, tmp_path, capsys):
+    """--set model.make_vocab_divisible_by (x parallel.tp) pads the table with mean-embedding
+    rows: real-token logits unchanged, padding mass bounded by rows/V, export trims back to the bytes."""
+    from mtnlg.infer.load import load_run
+    src, model = hf_dir
+    assert main(["import", "--hf", str(src), "--out", str(tmp_path / "run"),
+                 "--set", "model.make_vocab_divisible_by=100"]) == 0  # 3 heads: tp=2 is not a layout here
+    assert "(table padded to 600 rows)" in capsys.readouterr().out
+    _, ours, tok = load_run(tmp_path / "run")
+    emb = ours.tok_emb.weight
+    assert emb.shape[0] == 600 and torch.equal(emb[512:], emb[:512].mean(0, keepdim=True).expand(88, -1))
+    x = torch.tensor([tok.encode(sotu_texts(1)[0])[:90]])
+    with torch.no_grad():
+        logits = ours(x)
+        assert (logits[..., :512] - model(x).logits).abs().max().item() <= 1e-4
+        pad_mass = logits.softmax(-1)[..., 512:].sum(-1).max().item()
+    assert 0 < pad_mass <= 88 / 512
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
 def test_bare_gpt2model_directory_loads(hf_dir, tmp_path):
     """A GPT2Model (no LM head, keys without `transformer.`) loads with the tied head."""
     import mtnlg
