@@ -44,7 +44,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint
             if name in own:
                 if tuple(t.shape) != tuple(own[name].shape):
                     raise UserError(f"checkpoint {path} stores {name!r} with shape {tuple(t.shape)}, the model in "
-                                    f"{run_dir / 'config.toml'} has {tuple(own[name].shape)}")
+                                    f"{run_dir / 'config.toml'} has {tuple(own[name].shape)}: it was written for a different model")
                 own[name].copy_(t)
     model.to(dtype).eval()
     tok_file = run_dir / "tokenizer.json"
