@@ -255,8 +255,9 @@ def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         from mtnlg.train.legacy_checkpoint import legacy_iter
         yield from legacy_iter(path)
         return
-    alias = aliases(path)
-    for key, (shape, dtype) in tensor_metadata(path).items():
+    meta = tensor_metadata(path)
+    alias = {a: t for a, t in aliases(path).items() if MODEL_PREFIX + a not in meta}  # stored itself: no alias
+    for key, (shape, dtype) in meta.items():
         if not key.startswith(MODEL_PREFIX):
             continue
         name = key[len(MODEL_PREFIX):]

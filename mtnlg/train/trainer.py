@@ -35,7 +35,7 @@ from mtnlg.train.topology import Topology
 def config_digest(cfg: Config) -> str:
     d = to_dict(cfg)
     d.pop("logging")
-    d.pop("parallel")  # checkpoints hold full tensors: a run may resume under another layout...
+    d.pop("parallel")  # checkpoints are resharded on load: a run may resume under another layout...
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile",

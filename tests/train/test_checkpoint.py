@@ -244,3 +244,26 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
         (run / "config.toml").write_text(dump_toml(cfg))
         with pytest.raises(UserError, match="written for a different model"):
             load_run(run, checkpoint=path)
+
+
+def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path, sotu_small, capsys):
+    """generate / eval load through load_run: a truncated newest checkpoint is skipped with a warning."""
+    from mtnlg.config import dump_toml
+    from mtnlg.infer.load import load_run
+    cfg = tiny_config(keep=3)
+    t = make_trainer(cfg, tmp_path / "run")
+    t.train_step()
+    t.save()
+    first = params(t)
+    t.train_step()
+    second = t.save()
+    (tmp_path / "run/config.toml").write_text(dump_toml(cfg))
+    shutil.copy(sotu_small + ".tokenizer.json", tmp_path / "run/tokenizer.json")
+    shard = second / "dcp/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    _, model, _ = load_run(tmp_path / "run")
+    assert "skipped damaged checkpoint(s) step_00000002" in capsys.readouterr().err
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert all(torch.equal(p, first[n]) for n, p in model.named_parameters())
+    with pytest.raises(UserError, match="step_00000002 is damaged: .*__0_0.distcp has"):
+        load_run(tmp_path / "run", checkpoint=second)
