@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
+from mtnlg.parallel.stages import stage_block_ids, stage_layers  # noqa: F401  (re-exported for the planner)
 
 SCHEDULES = ("1f1b", "interleaved", "gpipe")
 RECOMPUTE = ("none", "selective", "full")
@@ -58,18 +59,6 @@ def check_layout(cfg: ModelConfig, layout: Layout, global_batch: int) -> None:
         raise UserError(f"global batch {global_batch} is not a multiple of dp={L.dp} x micro-batch={L.micro_batch}")
     if L.schedule == "interleaved" and (global_batch // (L.dp * L.micro_batch)) % L.pp:
         raise UserError("interleaved 1F1B needs the number of micro-batches to be a multiple of pp")
-
-
-def stage_layers(n_layers: int, pp: int) -> list[int]:
-    """Blocks on each pipeline stage (first stages take the remainder)."""
-    base, extra = divmod(n_layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]
-
-
-def stage_block_ids(n_layers: int, pp: int, stage: int) -> list[int]:
-    counts = stage_layers(n_layers, pp)
-    start = sum(counts[:stage])
-    return list(range(start, start + counts[stage]))
 
 
 def stage_kinds(pp: int) -> list[tuple[str, int]]:

@@ -6,7 +6,8 @@ from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
 from mtnlg.model.flops import flops_per_iteration, param_count
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, Calibration, Cluster
-from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds, stage_layers
+from mtnlg.parallel.stages import stage_layers
+from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds
 from mtnlg.plan.memory import (GB, STATE_BYTES, model_state_bytes, stage_activation_bytes,
                                stage_params_local)
 from mtnlg.plan.timing import (data_parallel_time, layer_flops_split, optimizer_time, passes_per_layer,
