@@ -42,43 +42,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mtnlg.errors import UserError
-from mtnlg.parallel.stages import rank_stages
+from mtnlg.parallel.stages import (SCHEDULE_NAMES, analytic_bubble, chunks_per_rank,  # noqa: F401
+                                   effective_schedule, placement, rank_stages)
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb", "zbv")
-
-
-def chunks_per_rank(schedule: str, virtual_stages: int = 1) -> int:
-    if schedule not in SCHEDULE_NAMES:
-        raise UserError(f"parallel.pp_schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {schedule!r}")
-    if schedule == "zbv":
-        return 2
-    return virtual_stages if schedule in ("interleaved", "zb") else 1
-
-
-def placement(schedule: str) -> str:
-    return "v" if schedule == "zbv" else "loop"
-
-
-def effective_schedule(schedule: str, n_micro: int, pp: int, n_chunks: int) -> str:
-    """The schedule that actually runs ``n_micro`` micro-batches (see the module doc)."""
-    if schedule == "1f1b" and n_micro < pp:
-        return "gpipe"
-    if schedule in ("interleaved", "zb") and n_micro % max(1, n_micro // pp):
-        return "loopedbfs"
-    return schedule
-
-
-def analytic_bubble(schedule: str, n_micro: int, pp: int, n_chunks: int = 1) -> float:
-    p, m, v = pp, n_micro, n_chunks
-    if p == 1:
-        return 0.0
-    if schedule in ("gpipe", "1f1b"):
-        return (p - 1) / (m + p - 1)
-    if schedule == "zbv" and m >= 2 * p - 1:
-        return 0.0
-    if schedule in ("zb", "zbv"):
-        return (p - 1) / (3 * v * m + p - 1)
-    return (p - 1) / (v * m + p - 1)  # interleaved, looped BFS
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
