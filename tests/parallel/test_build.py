@@ -38,16 +38,20 @@ INIT_LAYOUTS = {
     "dp8_z3": dict(dp=8, zero=3),
     "pp4tp2_interleaved": dict(pp=4, tp=2, pp_schedule="interleaved", virtual_stages=2, n_layers=8),
 }
-TRAIN_LAYOUTS = {
+TRAIN_LAYOUTS = {  # default suite (one 8-rank spawn, ~2 min on the shared 2-core machine)
     "z0_1f1b": dict(zero=0),
     "z1_1f1b": dict(zero=1),
-    "z2_1f1b": dict(zero=2),
     "z3_1f1b": dict(zero=3),
-    "z1_gpipe": dict(zero=1, pp_schedule="gpipe"),
     "z1_interleaved": dict(zero=1, pp_schedule="interleaved", virtual_stages=2),
-    "z1_zb": dict(zero=1, pp_schedule="zb", virtual_stages=2),
     "z1_zbv": dict(zero=1, pp_schedule="zbv"),
     "pp4tp2_m2": dict(dp=1, pp=4, zero=0, global_batch=4),  # 2 micro-batches on 4 stages
+}
+SLOW_TRAIN_LAYOUTS = {  # make test-slow
+    "z2_1f1b": dict(zero=2),
+    "z1_gpipe": dict(zero=1, pp_schedule="gpipe"),
+    "z1_zb": dict(zero=1, pp_schedule="zb", virtual_stages=2),
+    "z0_zbv": dict(zero=0, pp_schedule="zbv"),
+    "z2_zb1": dict(zero=2, pp_schedule="zb"),  # ZB1P with one chunk per rank (ZB-H1)
 }
 
 
@@ -136,16 +140,23 @@ def check_train(world, rank, kw, tmp):
             "types": sorted({type(p).__name__ for p in par.model.parameters()})}
 
 
-def worker(rank, world_size, tmp):
+def worker(rank, world_size, tmp, init_layouts, train_layouts):
     from pathlib import Path
-    out = {"init": {k: check_init(world_size, rank, kw) for k, kw in INIT_LAYOUTS.items()}}
-    out["train"] = {k: check_train(world_size, rank, kw, Path(tmp) / k) for k, kw in TRAIN_LAYOUTS.items()}
+    out = {"init": {k: check_init(world_size, rank, kw) for k, kw in init_layouts.items()}}
+    out["train"] = {k: check_train(world_size, rank, kw, Path(tmp) / k) for k, kw in train_layouts.items()}
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_distributed(worker, world_size=8, args=(str(tmp_path_factory.mktemp("build")),), timeout_s=300)
+    return run_distributed(worker, world_size=8, timeout_s=300,
+                           args=(str(tmp_path_factory.mktemp("build")), INIT_LAYOUTS, TRAIN_LAYOUTS))
+
+
+@pytest.fixture(scope="module")
+def slow_results(tmp_path_factory):
+    return run_distributed(worker, world_size=8, timeout_s=300,
+                           args=(str(tmp_path_factory.mktemp("build_slow")), {}, SLOW_TRAIN_LAYOUTS))
 
 
 @pytest.mark.parametrize("layout", list(INIT_LAYOUTS))
@@ -157,8 +168,7 @@ def test_meta_init_identical_across_layouts(results, layout):
     assert total > 0
 
 
-@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
-def test_3d_training_matches_one_process(results, layout):
+def _check_train(results, layout):
     for rank, res in enumerate(results):
         r = res["train"][layout]
         assert r["clipped"], (rank, layout, r)
@@ -167,11 +177,22 @@ def test_3d_training_matches_one_process(results, layout):
         assert r["types"] == ["DTensor"], (rank, layout, r)
 
 
+@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
+def test_3d_training_matches_one_process(results, layout):
+    _check_train(results, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(SLOW_TRAIN_LAYOUTS))
+def test_3d_training_matches_one_process_more_schedules(slow_results, layout):
+    _check_train(slow_results, layout)
+
+
 def test_bubble_reported(results):
     from mtnlg.parallel.schedules import analytic_bubble
     expected = {"z1_1f1b": ("1f1b", analytic_bubble("1f1b", 2, 2)),
                 "z1_interleaved": ("interleaved", analytic_bubble("interleaved", 2, 2, 2)),
-                "z1_zb": ("zb", analytic_bubble("zb", 2, 2, 2)),
+                "z1_zbv": ("zbv", analytic_bubble("zb", 2, 2, 2)),  # m=2 < 2p-1: not yet bubble-free
                 "pp4tp2_m2": ("gpipe", 3 / 5)}  # 1F1B refuses m < p: GPipe, bubble (p-1)/(m+p-1)
     for layout, (name, analytic) in expected.items():
         for res in results:
