@@ -245,28 +245,8 @@ def load_hf_gpt2(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: 
 
 # ----------------------------------------------------------------------------- export / import
 
-def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) one at a time from a checkpoint of any layout; tied
-    aliases (``lm_head.weight``) are not repeated."""
-    from mtnlg.train import checkpoint as ckpt
-    if hasattr(ckpt, "iter_model_tensors"):  # sharded (DCP) checkpoints gather one tensor at a time
-        yield from ckpt.iter_model_tensors(path)
-        return
-    from safetensors import safe_open
-    file = Path(path) / ckpt.MODEL_FILE
-    try:
-        with safe_open(str(file), "pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-            for name in f.keys():
-                if name not in aliases:
-                    yield name, f.get_tensor(name)
-    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises several kinds on damaged files
-        raise UserError(f"cannot read checkpoint weights {file}: {e}") from None
-
-
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    from mtnlg.train import checkpoint as ckpt
-    from mtnlg.train.checkpoint import latest_checkpoint, step_dir
+    from mtnlg.train.checkpoint import latest_checkpoint, step_dir, verify_checkpoint
     root = Path(run_dir) / "checkpoints"
     if step is None:
         path = latest_checkpoint(root)
@@ -277,8 +257,7 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     if not path.is_dir():
         have = sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit())
         raise UserError(f"{run_dir} has no checkpoint for step {step} (available: {have or 'none'})")
-    if hasattr(ckpt, "verify_checkpoint"):  # an explicit choice is checked, never silently replaced
-        ckpt.verify_checkpoint(path)
+    verify_checkpoint(path)  # an explicit choice is checked, never silently replaced
     return path
 
 
@@ -291,6 +270,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     from mtnlg.config import load_config
     from mtnlg.convert.hf_files import parse_size, staged_dir, write_json, write_safetensors, write_tokenizer_files
     from mtnlg.data.tokenizer import load_tokenizer
+    from mtnlg.train.checkpoint import iter_model_tensors
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -304,7 +284,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     limit, seen = parse_size(max_shard_size), {}
 
     def tensors():
-        for name, t in iter_checkpoint_tensors(path):
+        for name, t in iter_model_tensors(path):  # one full tensor at a time, whatever the sharding
             if name == "tok_emb.weight":
                 seen["padded"] = t.shape[0]
                 if t.shape[0] < tok.vocab_size:
