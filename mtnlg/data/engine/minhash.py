@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from mtnlg.data.dedup import _splitmix64
 from mtnlg.data.engine.options import EngineSettings
-from mtnlg.data.engine.steps import maybe_fail, part_dir, replace_dir
+from mtnlg.data.engine.steps import fresh_tmp_dir, maybe_fail, part_dir, replace_dir
 
 ENTRY = np.dtype([("key", "<u8"), ("gid", "<i8"), ("idx", "<u4"), ("band", "<u2")])
 EDGE = np.dtype([("dup", "<i8"), ("rep", "<i8"), ("exact", "u1")])
@@ -218,9 +217,7 @@ class ClusterStep(PipelineStep):
         edges = np.concatenate([np.load(os.path.join(folder, f"edges-{k:05d}.npy")) for k in range(s.dedup_tasks)])
         removed, exact = cluster(edges)
         final = os.path.join(s.work_dir, "cluster")
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        tmp = fresh_tmp_dir(final)
         owner = np.array(s.task_of_file(), dtype=np.int64)[removed >> 32] if len(removed) else removed
         for task in range(s.tasks):
             np.save(os.path.join(tmp, f"removed-{task:05d}.npy"), removed[owner == task])

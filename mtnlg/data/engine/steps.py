@@ -17,6 +17,7 @@ input order, the "first seen" order of deduplication at any scale.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -207,9 +208,7 @@ class PartWriterStep(_Step):
         s = self.settings
         tokenizer = Tokenizer.from_json(s.tokenizer_json)
         final = part_dir(s.work_dir, rank)
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        tmp = fresh_tmp_dir(final)
         for name in ("gid.bin", "hash.bin", "signature.bin"):
             open(os.path.join(tmp, name), "wb").close()
         pending: dict[str, list] = {"gid": [], "hash": [], "signature": []}
@@ -264,6 +263,15 @@ class PartWriterStep(_Step):
 def _append(folder: str, name: str, array: np.ndarray) -> None:
     with open(os.path.join(folder, name), "ab") as f:
         f.write(np.ascontiguousarray(array).tobytes())
+
+
+def fresh_tmp_dir(final: str) -> str:
+    """An empty ``final.tmp-PID`` folder; leftovers of earlier attempts that died are removed first."""
+    for stale in glob.glob(glob.escape(final) + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    return tmp
 
 
 def replace_dir(tmp: str, final: str) -> None:
