@@ -207,3 +207,76 @@ def test_resuming_with_other_settings_is_refused(corpus, tokenizer_path, tmp_pat
         check_work_dir(settings("--dedup", "fuzzy"))
     with pytest.raises(UserError, match="partition differ"):
         check_work_dir(settings("--dedup", "exact", "--tasks", "2"))
+
+
+FAKE_SBATCH = """#!/usr/bin/env python3
+# Stand-in for SLURM's sbatch: runs every array task of the script now, in order, and prints a job id.
+import os, re, subprocess, sys
+script = sys.argv[-1]
+text = open(script).read()
+env = dict(os.environ, SLURM_NODELIST="localhost", SLURM_JOB_ID="1")
+for arg in sys.argv[1:-1]:
+    if arg.startswith("--export=ALL,"):
+        env.update(kv.split("=", 1) for kv in arg[len("--export=ALL,"):].split(","))
+low, high = map(int, re.search(r"#SBATCH --array=(\\d+)-(\\d+)", text).groups())
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    for task in range(low, high + 1):
+        log.write(f"== {script} task {task} {sys.argv[1:-1]}\\n")
+        log.flush()
+        rc = subprocess.call(["bash", script], env=dict(env, SLURM_ARRAY_TASK_ID=str(task)), stdout=log, stderr=log)
+        if rc:
+            sys.exit(f"array task {task} failed")
+n = int(open(os.environ["FAKE_SLURM_IDS"]).read() or 0) + 1 if os.path.exists(os.environ["FAKE_SLURM_IDS"]) else 1
+open(os.environ["FAKE_SLURM_IDS"], "w").write(str(n))
+print(f"Submitted batch job {n}")
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+# Stand-in for `scontrol show hostnames NODELIST`.
+echo localhost
+"""
+
+FAKE_SRUN = """#!/bin/bash
+# Stand-in for srun: drop its options, run the command.
+while [ "$1" != "launch_pickled_pipeline" ]; do shift; done
+exec "$@"
+"""
+
+
+@pytest.mark.slow
+def test_slurm_engine_through_a_stand_in_sbatch(corpus, tokenizer_path, inline, tmp_path, monkeypatch):
+    """The real SlurmPipelineExecutor writes the sbatch scripts and pickled executors; a stand-in sbatch runs
+    the array tasks, as a cluster would, with SLURM_ARRAY_TASK_ID set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "slurm.log"))
+    monkeypatch.setenv("FAKE_SLURM_IDS", str(tmp_path / "ids"))
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = str(tmp_path / "slurm")
+    args = preprocess_args("--input", corpus, "--output", out, "--tokenizer", tokenizer_path, "--engine", "slurm",
+                           "--slurm-partition", "cpu", "--tasks", "2", "--slurm-arg", "account=test")
+    assert run(args) == 0
+    log = (tmp_path / "slurm.log").read_text()
+    script = open(out + ".work/logs/prepare/launch_script.slurm").read()
+    assert "#SBATCH --partition=cpu" in script and "#SBATCH --account=test" in script
+    assert "--dependency=afterok:" in log  # stages chained
+    assert_same(outputs(out), inline)
+
+
+@pytest.mark.slow
+def test_a_task_that_raises_in_the_bucket_stage_is_redone_by_the_rerun(corpus, tokenizer_path, inline, tmp_path,
+                                                                      monkeypatch):
+    out = str(tmp_path / "raised")
+    argv = ("--engine", "local", "--tasks", "3", "--dedup-tasks", "3")
+    monkeypatch.setenv("MTNLG_ENGINE_FAULT", "buckets:1:0:raise")
+    with pytest.raises(UserError, match="stage buckets failed .*rerun the same command to resume"):
+        run_engine(corpus, tokenizer_path, out, *argv, workers=2)
+    done = out + ".work/logs/buckets/completions"
+    assert "00001" not in (os.listdir(done) if os.path.isdir(done) else [])  # the pool may stop the others too
+    assert len(os.listdir(out + ".work/logs/prepare/completions")) == 3
+    monkeypatch.delenv("MTNLG_ENGINE_FAULT")
+    assert_same(run_engine(corpus, tokenizer_path, out, *argv, workers=2), inline)
