@@ -22,7 +22,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from mtnlg.data.clean import QualityFilter
 from mtnlg.data.engine.options import EngineSettings
-from mtnlg.data.engine.steps import part_dir
+from mtnlg.data.engine.steps import part_dir, peak_rss_mb
 from mtnlg.data.indexed import _HEADER, MAGIC, VERSION, IndexedDataset, _code
 from mtnlg.data.tokenizer import Tokenizer
 
@@ -109,7 +109,10 @@ def build_report(s: EngineSettings, counters: list[dict], cluster: dict, documen
                       "fingerprint": tokenizer.fingerprint().hex()},
         "engine": {"tasks": s.tasks, "dedup_tasks": s.dedup_tasks, "work_dir": s.work_dir,
                    "malformed_by_task": [sum(c["malformed_by_kind"].values()) for c in counters],
-                   "dedup": {k: v for k, v in cluster.items() if k.startswith("bucket_") or k == "edges"}},
+                   "dedup": {k: v for k, v in cluster.items() if k.startswith("bucket_") or k == "edges"},
+                   "peak_rss_mb": {"prepare": max((c["peak_rss_mb"] for c in counters), default=0),
+                                   "buckets": cluster.get("bucket_peak_rss_mb", 0),
+                                   "cluster": cluster.get("peak_rss_mb", 0), "write": peak_rss_mb()}},
     }
 
 

@@ -103,14 +103,19 @@ def make_executors(args: argparse.Namespace, s: EngineSettings) -> list[tuple[st
                                        cpus_per_task=args.cpus_per_task, mem_per_cpu_gb=args.mem_per_cpu_gb,
                                        job_name=f"mtnlg-{name}", logging_dir=logs, env_command=env,
                                        sbatch_args=dict(a.split("=", 1) for a in args.slurm_arg), depends=previous,
-                                       mail_user=None)
+                                       workers=args.workers)
         executors.append((name, ex))
         previous = ex
     return executors
 
 
-def run_stages(executors: list[tuple[str, object]], work_dir: str) -> None:
+def run_stages(executors: list[tuple[str, object]], work_dir: str) -> dict[str, float]:
+    """Runs the stages in order; returns each one's wall seconds."""
+    import time
+
+    walls = {}
     for name, ex in executors:
+        start = time.perf_counter()
         try:
             ex.run()
         except UserError:
@@ -123,6 +128,8 @@ def run_stages(executors: list[tuple[str, object]], work_dir: str) -> None:
             raise UserError(f"stage {name}: {len(incomplete)} of {ex.world_size} tasks did not complete "
                             f"(first: {incomplete[0]}); task logs in {work_dir}/logs/{name}/logs; "
                             "rerun the same command to resume (completed tasks are skipped)")
+        walls[name] = round(time.perf_counter() - start, 3)
+    return walls
 
 
 def run_engine(args: argparse.Namespace, files: list[str], filters: FilterConfig, tokenizer: Tokenizer,
@@ -140,6 +147,12 @@ def run_engine(args: argparse.Namespace, files: list[str], filters: FilterConfig
                   f"{args.output}.report.json appear when the write stage ends; rerun the same command to resume "
                   "after failures", file=sys.stderr)
         return None
-    run_stages(executors, s.work_dir)
+    walls = run_stages(executors, s.work_dir)
     with open(s.output + ".report.json", encoding="utf-8") as f:
-        return json.load(f)
+        report = json.load(f)
+    if report["engine"].get("stage_wall_seconds") is None:  # a rerun that had nothing left to do keeps the first
+        from mtnlg.io import write_atomic
+
+        report["engine"]["stage_wall_seconds"] = walls
+        write_atomic(s.output + ".report.json", json.dumps(report, indent=2) + "\n")
+    return report

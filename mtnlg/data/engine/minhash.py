@@ -33,7 +33,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from mtnlg.data.dedup import _splitmix64
 from mtnlg.data.engine.options import EngineSettings
-from mtnlg.data.engine.steps import fresh_tmp_dir, maybe_fail, part_dir, replace_dir
+from mtnlg.data.engine.steps import fresh_tmp_dir, maybe_fail, part_dir, peak_rss_mb, replace_dir
 
 ENTRY = np.dtype([("key", "<u8"), ("gid", "<i8"), ("idx", "<u4"), ("band", "<u2")])
 EDGE = np.dtype([("dup", "<i8"), ("rep", "<i8"), ("exact", "u1")])
@@ -194,6 +194,7 @@ class BucketStep(PipelineStep):
         folder = os.path.join(self.settings.work_dir, "buckets")
         os.makedirs(folder, exist_ok=True)
         counts["seconds"] = time.process_time() - t0
+        counts["peak_rss_mb"] = peak_rss_mb()
         _save_atomic(os.path.join(folder, f"edges-{rank:05d}.npy"), edges)
         with open(os.path.join(folder, f"counts-{rank:05d}.json"), "w") as f:
             json.dump(counts, f)
@@ -222,11 +223,13 @@ class ClusterStep(PipelineStep):
         for task in range(s.tasks):
             np.save(os.path.join(tmp, f"removed-{task:05d}.npy"), removed[owner == task])
         counts = {"edges": len(edges), "exact_duplicates": int(exact.sum()),
-                  "fuzzy_duplicates": int(len(removed) - exact.sum()), "seconds": time.process_time() - t0}
+                  "fuzzy_duplicates": int(len(removed) - exact.sum()), "seconds": time.process_time() - t0,
+                  "peak_rss_mb": peak_rss_mb()}
         for k in range(s.dedup_tasks):
             with open(os.path.join(folder, f"counts-{k:05d}.json")) as f:
                 for key, value in json.load(f).items():
-                    counts[f"bucket_{key}"] = counts.get(f"bucket_{key}", 0) + value
+                    merge = max if key == "peak_rss_mb" else (lambda a, b: a + b)
+                    counts[f"bucket_{key}"] = merge(counts.get(f"bucket_{key}", 0), value)
         with open(os.path.join(tmp, "counts.json"), "w") as f:
             json.dump(counts, f)
         replace_dir(tmp, final)

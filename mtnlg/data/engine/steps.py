@@ -251,7 +251,8 @@ class PartWriterStep(_Step):
                     yield doc
                 flush()
                 writer.finalize()
-            meta = {**self.counters.as_dict(), "documents": written, "tokens": writer.num_tokens}
+            meta = {**self.counters.as_dict(), "documents": written, "tokens": writer.num_tokens,
+                    "peak_rss_mb": peak_rss_mb()}
             with open(os.path.join(tmp, "counters.json"), "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             replace_dir(tmp, final)
@@ -263,6 +264,13 @@ class PartWriterStep(_Step):
 def _append(folder: str, name: str, array: np.ndarray) -> None:
     with open(os.path.join(folder, name), "ab") as f:
         f.write(np.ascontiguousarray(array).tobytes())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (the worker running the task), in MB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def fresh_tmp_dir(final: str) -> str:
