@@ -14,6 +14,7 @@ import sys
 
 from mtnlg.data.clean import FilterConfig, QualityFilter, normalize
 from mtnlg.data.dedup import MinHashParams
+from mtnlg.data.engine.options import add_engine_arguments
 from mtnlg.data.indexed import IndexedDatasetWriter
 from mtnlg.data.pipeline import Stats, WorkerSetup, run_pipeline
 from mtnlg.data.readers import Problem, expand_inputs, read_documents, shard_files
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="worker processes for cleaning/hashing/tokenizing (default: all CPU cores)")
     sc.add_argument("--batch-size", type=int, default=32, help="documents per worker task (default 32)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_engine_arguments(parser)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -162,6 +164,10 @@ def _minhash(args: argparse.Namespace) -> MinHashParams:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", None):
+        from mtnlg.data.engine.options import validate
+
+        validate(args)
     if args.merge:
         if args.input:
             raise UserError("give either --input or --merge, not both")
@@ -178,6 +184,13 @@ def run(args: argparse.Namespace) -> int:
     config = filter_config(args)
     tokenizer = get_tokenizer(files, args, config)
     if args.tokenizer_only:
+        return 0
+    if getattr(args, "engine", None):
+        from mtnlg.data.engine import run_engine
+
+        report = run_engine(args, files, config, tokenizer, _minhash(args))
+        if report is not None and not args.quiet:
+            print_summary(report)
         return 0
     stats = Stats()
     problems = ProblemLog(stats, args.strict, args.max_problems_shown, args.quiet)
