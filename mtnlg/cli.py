@@ -16,7 +16,7 @@ COMMANDS = {
     "preprocess": ("mtnlg.data.preprocess", "clean, deduplicate and tokenize raw text into indexed datasets"),
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
-    "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
+    "eval": ("mtnlg.evaluate.cli", "perplexity of a run on its data splits or a text file; zero-/few-shot task accuracy (--tasks)"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
 
