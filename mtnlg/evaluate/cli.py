@@ -18,11 +18,7 @@ from mtnlg.evaluate import perplexity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    perplexity.add_arguments(p)
-    p.conflict_handler = "resolve"  # the options redefined below widen perplexity's own
-    p.add_argument("--run", help="run directory made by `mtnlg train`")
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT",
-                   help="write one JSON object to OUT (or stdout when OUT is omitted or '-')")
+    perplexity.add_arguments(p)  # --run, --checkpoint, --json [OUT], --batch-size, --device shared by both modes
     g = p.add_argument_group("zero-/few-shot tasks")
     g.add_argument("--tasks", help="comma-separated tasks: lambada, hellaswag, piqa, winogrande, arc_easy, "
                                    "arc_challenge, boolq (or 'all')")
