@@ -24,7 +24,8 @@ from mtnlg.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", help="run directory made by `mtnlg train` (required)")
+    p.add_argument("--run", "--run-dir", dest="run", help="run directory made by `mtnlg train` (required; "
+                   "--run-dir under torchrun, whose own --run-path swallows --run)")
     p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory (default: the latest)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", choices=("train", "valid", "test"), default="valid",
