@@ -17,8 +17,11 @@ COMMANDS = {
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
     "eval": ("mtnlg.evaluate.cli", "perplexity of a run on its data splits or a text file; zero-/few-shot task accuracy (--tasks)"),
+    "lm-eval": ("mtnlg.evaluate.lm_eval_cmd", "lm-evaluation-harness with the mtnlg model and offline tasks registered"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
+
+PASS_THROUGH = {"lm-eval"}  # commands that hand unknown arguments to another program
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -42,7 +45,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PASS_THROUGH:
+        parser.parse_args(argv)  # reports the unrecognized arguments and exits
+    args.passthrough = extra
     if not args.command:
         parser.print_help()
         return 2

@@ -50,6 +50,18 @@ class MtnlgLM(LM):
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "MtnlgLM":
+        """model_args win over lm-eval's own options (``--device``, ``--batch_size``)."""
+        merged = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        merged.update(arg_dict)
+        return cls(**merged)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MtnlgLM":
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     @property
     def rank(self) -> int:
         return self._rank
