@@ -95,6 +95,7 @@ def evaluate(lm: CausalLM, specs: list[TaskSpec], shots: int = 0, limit: int = 0
         else:
             results, counts = mine, mine_stats
         metrics, stderr = task_metrics(spec, results)
+        stderr = {k: None if math.isnan(v) else v for k, v in stderr.items()}  # one example: undefined (JSON null)
         entry = {"metrics": metrics, "stderr": stderr, "samples": len(results), "shots": shots,
                  "split": spec.split, "requests": counts[0], "truncated": counts[1],
                  "continuation_truncated": counts[2], "seconds": round(time.perf_counter() - t0, 2)}
@@ -116,7 +117,7 @@ def format_table(report: dict) -> str:
             head = f"{name:<15}{t['shots']:>6}{t['samples']:>7}" if j == 0 else " " * 28
             trunc = f"{t['truncated']:>11}" if j == 0 else ""
             shown = f"{value:10.2f}" if metric == "perplexity" else f"{value:10.4f}"
-            se_s = f"{se:11.2f}" if metric == "perplexity" else f"{se:11.4f}"
+            se_s = f"{'-':>11}" if se is None else f"{se:11.2f}" if metric == "perplexity" else f"{se:11.4f}"
             lines.append(f"{head}  {metric:<11}{shown}{se_s}{trunc}")
     return "\n".join(lines)
 

@@ -56,5 +56,7 @@ def load_hf_lm(path: str, device: torch.device, dtype: str = "fp32", max_length:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype])
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from None
+    if not tok("The answer is", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer in {path} encodes text to no tokens (an empty vocabulary?)")
     model.to(device).eval()
     return HFAdapter(model, tok, device, max_length)
