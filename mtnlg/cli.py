@@ -20,8 +20,12 @@ COMMANDS = {
     "checkpoint": ("mtnlg.train.checkpoint_cmd", "verify checkpoints, or convert old single-file ones to sharded DCP"),
     "export": ("mtnlg.convert.export_cmd", "write a run's checkpoint as a Hugging Face GPT-2 directory"),
     "import": ("mtnlg.convert.import_cmd", "make a run directory from a Hugging Face GPT-2 directory"),
+    "eval": ("mtnlg.evaluate.cli", "perplexity of a run on its data splits or a text file; zero-/few-shot task accuracy (--tasks)"),
+    "lm-eval": ("mtnlg.evaluate.lm_eval_cmd", "lm-evaluation-harness with the mtnlg model and offline tasks registered"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
+
+PASS_THROUGH = {"lm-eval"}  # commands that hand unknown arguments to another program
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -45,7 +49,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PASS_THROUGH:
+        parser.parse_args(argv)  # reports the unrecognized arguments and exits
+    args.passthrough = extra
     if not args.command:
         parser.print_help()
         return 2

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from mtnlg.data import decontaminate
 from mtnlg.data.clean import FilterConfig, QualityFilter, normalize
 from mtnlg.data.dedup import MinHashParams
 from mtnlg.data.engine.options import add_engine_arguments
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          + ", ".join(FilterConfig.names()))
     dd.add_argument("--no-filters", action="store_true", help="disable all quality filters")
     dd.add_argument("--no-normalize", action="store_true", help="skip ftfy/NFC/whitespace normalization")
+    decontaminate.add_arguments(dd)
     sc = parser.add_argument_group("scale-out")
     sc.add_argument("--shard", metavar="I/N", help="process only shard I of N (0 <= I < N) of the input files")
     sc.add_argument("--merge", nargs="+", metavar="PREFIX",
@@ -169,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
         validate(args)
     if args.merge:
+        if args.decontaminate:
+            raise UserError("--decontaminate applies to --input runs (decontaminate each shard), not to --merge")
         if args.input:
             raise UserError("give either --input or --merge, not both")
         from mtnlg.data.shards import merge_shards
@@ -182,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     shard, num_shards = parse_shard(args.shard)
     files = shard_files(expand_inputs(args.input), shard, num_shards)
     config = filter_config(args)
+    decon = decontaminate.build(args.decontaminate) if args.decontaminate else None
     tokenizer = get_tokenizer(files, args, config)
     if args.tokenizer_only:
         return 0
@@ -201,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
 
         progress = tqdm(unit=" docs", desc="preprocess", dynamic_ncols=True, disable=None)
     with IndexedDatasetWriter(args.output, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.fingerprint()) as writer:
-        kept = run_pipeline(read_documents(files, args.text_key, problems), setup, writer, stats, problems,
+        docs = read_documents(files, args.text_key, problems)
+        if decon:
+            docs = decontaminate.decontaminate_documents(docs, decon)
+        kept = run_pipeline(docs, setup, writer, stats, problems,
                             workers=max(1, args.workers), batch_size=max(1, args.batch_size), progress=progress)
         writer.finalize()
     if progress is not None:
@@ -215,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
               "dedup_threshold": args.dedup_threshold, "filters": vars(config),
               "tokenizer": {"vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                             "fingerprint": tokenizer.fingerprint().hex()}}
+    if decon:
+        report["decontamination"] = decon.report()
     write_json_atomic(args.output + ".report.json", report)
     if not args.quiet:
         print_summary(report)

@@ -24,7 +24,8 @@ from mtnlg.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory made by `mtnlg train`")
+    p.add_argument("--run", "--run-dir", dest="run", help="run directory made by `mtnlg train` (required; "
+                   "--run-dir under torchrun, whose own --run-path swallows --run)")
     p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory (default: the latest)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", choices=("train", "valid", "test"), default="valid",
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=int, default=0, help="score at most this many sequences (0: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT",
+                   help="one JSON object to OUT (stdout when OUT is omitted or '-')")
 
 
 @torch.no_grad()
