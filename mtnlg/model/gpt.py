@@ -54,6 +54,13 @@ class KVCache:
         self.values[layer][:, :, start:start + T] = v
         return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
 
+    def attn_mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, L) mask for T new queries at positions start.. over L
+        cached keys; None means plain causal attention (a prefill from 0)."""
+        if start == 0:
+            return None
+        return torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams)."""
         for name in self.keys:
@@ -71,17 +78,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        if cache is not None:
+        mask = None
+        if cache is not None:  # the cache knows which earlier keys each new query may see
             k, v = cache.update(self.layer_id, k, v, start)
-        if cache is None or start == 0:
+            mask = cache.attn_mask(start, T, k.shape[2], x.device)
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:  # new queries sit at positions start..start+T-1 and see every earlier key
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
@@ -106,7 +114,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start)
         return x + self.mlp(self.ln_2(x))
 
@@ -131,12 +139,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """``start`` is the position of the first token (all rows alike), or a
+        (B, T) tensor of every token's position for rows at different lengths
+        (the serving engine's batches; ``cache`` must then understand it, see
+        ``mtnlg.serve.cache.SlotKVCache``)."""
         if self.tok_emb is not None:
             T = x.shape[1]
-            if start + T > self.cfg.seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-            pos = torch.arange(start, start + T, device=x.device)
+            if isinstance(start, torch.Tensor):
+                pos = start
+            else:
+                if start + T > self.cfg.seq_len:
+                    raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+                pos = torch.arange(start, start + T, device=x.device)
             x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
         for block in self.blocks.values():
             x = block(x, cache, start)
