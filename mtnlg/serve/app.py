@@ -55,6 +55,7 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     max_body_bytes: int = 16 << 20
+    max_token_chars: int = 0  # longest vocabulary entry: n characters need >= n / this tokens
 
     def ready(self) -> Engine:
         if self.load_error:
@@ -66,6 +67,15 @@ class ServerState:
         return self.engine
 
     async def encode(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize in a worker thread.  A text too long to fit the context
+        whatever its tokens is refused without tokenizing it (1 MB takes
+        seconds to tokenize and could only be refused afterwards)."""
+        limit = self.max_len * self.max_token_chars
+        for t in texts:
+            if limit and len(t) > limit:
+                raise ApiError(400, f"prompt of {len(t)} characters cannot fit this model's maximum context length "
+                                    f"of {self.max_len} tokens (no token spans more than {self.max_token_chars} "
+                                    "characters)", param="prompt")
         return await run_in_threadpool(self.tokenizer.encode_batch, texts)
 
     def check_ids(self, ids: list[int]) -> None:

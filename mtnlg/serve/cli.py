@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.run or args.hf
     if not Path(path).is_dir():
         raise UserError(f"{'--run' if args.run else '--hf'} {path!r} is not a directory")
+    _preflight(args)
     template, template_from = find_chat_template(args.chat_template, path)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +87,25 @@ def run(args: argparse.Namespace) -> int:
         ModelRunner(model, config.max_batch, max_len, device, gather, group).serve_forever()
         return 0
     return _serve_rank0(args, config, device, dtype, world, template, template_from)
+
+
+def _preflight(args) -> None:
+    """The cheap checks of what loading needs, before the port opens, so a
+    wrong path is one error line rather than a server that dies later."""
+    if args.hf:
+        if not (Path(args.hf) / "config.json").is_file():
+            raise UserError(f"--hf {args.hf!r} has no config.json (expected a Hugging Face GPT-2 directory)")
+        return
+    from mtnlg.train.checkpoint import latest_checkpoint
+    run = Path(args.run)
+    if not (run / "config.toml").is_file():
+        raise UserError(f"{run} is not a run directory (no config.toml); train one with `mtnlg train --run {run}`")
+    if not (run / "tokenizer.json").is_file():
+        raise UserError(f"{run / 'tokenizer.json'} is missing; copy the tokenizer the run was trained with there")
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise UserError(f"--checkpoint {args.checkpoint!r} is not a directory")
+    if not args.checkpoint and latest_checkpoint(run / "checkpoints") is None:
+        raise UserError(f"{run} has no checkpoint yet (checkpoints/latest is missing)")
 
 
 def _load_sharded(args, device, dtype, world):
@@ -133,6 +153,8 @@ def _serve_rank0(args, config, device, dtype, world, template, template_from) ->
     loader.start()
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal stop
+        print("mtnlg serve: stopped", flush=True)
     finally:
         loader.join(timeout=600)
         if state.engine is not None:

@@ -24,6 +24,7 @@ def attach_model(state: ServerState, model: torch.nn.Module, tokenizer, max_len:
     engine = Engine(runner, max_len, vocab, config, state.metrics).start()
     eos = tokenizer.hf.id_to_token(tokenizer.eod_id) or ""
     state.tokenizer, state.max_len = tokenizer, max_len
+    state.max_token_chars = max(len(t) for t in tokenizer.hf.get_vocab(with_added_tokens=True))
     state.chat = ChatTemplate(chat_template, bos_token=eos, eos_token=eos)
     state.engine = engine
     return engine

@@ -174,21 +174,27 @@ def test_megatron_api(server, tiny):
     assert bad.status_code == 400 and bad.json() == "cannot set both top-k and top-p samplings."
 
 
-def test_client_disconnect_cancels_its_sequence(server):
-    engine = server.state.engine
-    before = len(engine.finished_log)
-    with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"prompt": "We", "max_tokens": 90, "temperature": 0, "stream": True,
-                            "ignore_eos": True}) as r:
-        it = r.iter_lines()
-        next(it), next(it)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(engine.finished_log) == before:
-        time.sleep(0.02)
-    (_, reason, n), = list(engine.finished_log)[before:]
-    assert reason == "abort" or n == 90  # on this fast model the whole generation may beat the disconnect
-    assert not engine.running
-    assert httpx.get(server.url + "/health").status_code == 200
+def test_client_disconnect_cancels_its_sequence(tiny):
+    """A streaming client that reads two events and hangs up, and a
+    non-streaming one that gives up after 0.3 s: both sequences are aborted
+    long before their 90 tokens (90 steps x 10 ms here)."""
+    cfg, model, tok = tiny
+    srv = _start(SlowModel(model, 0.01), tok, cfg, max_batch=4, max_batch_tokens=16)
+    engine = srv.state.engine
+    body = {"prompt": "We", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as r:
+            it = r.iter_lines()
+            next(it), next(it)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(engine.finished_log) < 2:
+            time.sleep(0.02)
+        assert [(reason, n < 60) for _, reason, n in engine.finished_log] == [("abort", True)] * 2
+        assert not engine.running and httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        srv.stop()
 
 
 def test_metrics_after_traffic(server):
