@@ -271,3 +271,27 @@ def test_full_queue_answers_503_at_once_and_timeouts_504(tiny):
     assert all(dt < 0.5 for code, dt, _ in results if code == 503)  # at once, not after waiting
     assert next(r for code, _, r in results if code == 503).headers["retry-after"] == "1"
     assert 504 in codes  # 90 steps x 20 ms > the 1 s request timeout
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server, tiny):
+    """lm-eval's own `local-completions` model (remote tokenizer through
+    /tokenizer_info and /tokenize, echo + logprobs) gets the log-likelihoods
+    and greedy flags that the model computes directly."""
+    pytest.importorskip("tenacity")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    cfg, model, tok = tiny
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=NAME, tokenizer_backend="remote",
+                             max_length=cfg.seq_len, num_concurrent=1, max_retries=1)
+    pairs = [("The state of the", " Union"), ("We must", " act now"), ("Congress", " shall")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (ctx, cont), (score, greedy) in zip(pairs, got):
+        a = tok.encode(ctx)
+        b = tok.encode(ctx + cont)[len(a):]
+        with torch.no_grad():
+            lp = model(torch.tensor([a + b]))[0].float().log_softmax(-1)
+        rows = lp[len(a) - 1:len(a) - 1 + len(b)]
+        assert score == pytest.approx(sum(float(rows[i, t]) for i, t in enumerate(b)), abs=1e-4)
+        assert greedy == all(int(rows[i].argmax()) == t for i, t in enumerate(b))
+    out = lm.generate_until([Instance("generate_until", {}, ("We must", {"until": ["\n"], "max_gen_toks": 8}), 0)])
+    assert out == [_greedy(model, tok, "We must", 8).split("\n")[0]]
