@@ -158,7 +158,14 @@ def create_app(state: ServerState) -> FastAPI:
         parts = []
         for e in err.errors()[:3]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            if e.get("type") == "json_invalid":
+                msg = f"request body is not valid JSON ({msg})"
+            elif not loc and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+                msg = "request body must be a JSON object"
+            elif not loc and e.get("type") == "missing":
+                msg = "request body is empty; expected a JSON object"
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return JSONResponse(error_body("; ".join(parts) or "invalid request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
