@@ -160,7 +160,7 @@ def create_app(state: ServerState) -> FastAPI:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
             if e.get("type") == "json_invalid":
-                msg = f"request body is not valid JSON ({msg})"
+                msg, loc = f"request body is not valid JSON ({msg})", ""
             elif not loc and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
                 msg = "request body must be a JSON object"
             elif not loc and e.get("type") == "missing":
