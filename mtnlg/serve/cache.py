@@ -39,7 +39,10 @@ class SlotKVCache:
         valid = torch.arange(T, device=positions.device)[None, :] < lengths[:, None]
         b_idx, t_idx = valid.nonzero(as_tuple=True)
         self._write = (b_idx, t_idx, rows[b_idx], positions[b_idx, t_idx])
-        self._rows = rows
+        first = int(rows[0])
+        # rows that are consecutive slots read their cache as a view instead of a gathered copy
+        contiguous = bool((rows == torch.arange(first, first + B, device=rows.device)).all())
+        self._rows = slice(first, first + B) if contiguous else rows
         self._span = int(positions.max()) + 1  # keys beyond the furthest query are never needed
         keys = torch.arange(self._span, device=positions.device)
         self._mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # (B, 1, T, span)
@@ -53,7 +56,7 @@ class SlotKVCache:
         b_idx, t_idx, slot_idx, pos_idx = self._write
         kbuf[slot_idx, :, pos_idx] = k[b_idx, :, t_idx]
         vbuf[slot_idx, :, pos_idx] = v[b_idx, :, t_idx]
-        return kbuf[self._rows, :, :self._span], vbuf[self._rows, :, :self._span]
+        return kbuf[self._rows, :, :self._span], vbuf[self._rows, :, :self._span]  # (B, H, span, D)
 
     def attn_mask(self, start, T: int, L: int, device: torch.device) -> torch.Tensor:
         return self._mask

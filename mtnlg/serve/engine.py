@@ -254,6 +254,7 @@ class Engine:
                 budget -= len(chunk)
         if not rows:
             return None, rows
+        rows.sort(key=lambda r: r[0].slot)  # consecutive slots let the cache use views (see SlotKVCache.plan)
         B, T = len(rows), max(len(r[1]) for r in rows)
         tokens = torch.zeros(B, T, dtype=torch.long)
         positions = torch.zeros(B, T, dtype=torch.long)

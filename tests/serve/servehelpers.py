@@ -57,7 +57,8 @@ class Collector:
         self.outputs[rid], self.done[rid] = [], threading.Event()
 
         def sink(out: Output, rid=rid):
-            time.sleep(delay)
+            if delay:
+                time.sleep(delay)
             self.outputs[rid].append(out)
             if out.finish_reason:
                 self.done[rid].set()

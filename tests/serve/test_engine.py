@@ -116,3 +116,28 @@ def test_abort_and_full_queue(tiny):
     assert got["w2"][1] == "abort" and got["w1"][1] == "length"
     with pytest.raises(ValueError, match="maximum context length"):
         engine.check(90, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_greedy_equals_generate_on_cuda():
+    """The same check on a GPU (fp32): CUDA kernels pick different
+    reduction orders for different batch shapes, so this is where batched
+    decoding would first drift from single-request decoding."""
+    from mtnlg.serve.engine import Engine, EngineConfig
+    from mtnlg.serve.runner import ModelRunner
+    cfg, model = tiny_model()
+    model = model.cuda()
+    prompts = _prompts(10, cfg.vocab_size, seed=5)
+    runner = ModelRunner(model, 4, cfg.seq_len, torch.device("cuda"))
+    engine = Engine(runner, cfg.seq_len, cfg.vocab_size, EngineConfig(max_batch=4, max_batch_tokens=32)).start()
+    try:
+        col = Collector()
+        for i, p in enumerate(prompts):
+            engine.submit(col.request(str(i), p, max_tokens=20, temperature=0.0))
+        got = col.wait()
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        want = generate(model, torch.tensor([p], device="cuda"), 20, greedy=True)[0, len(p):].tolist()
+        assert got[str(i)][0] == want, i
