@@ -1,7 +1,7 @@
 """``mtnlg serve``: Megatron's and OpenAI's HTTP APIs over a trained run.
 
     mtnlg serve --run runs/tiny --port 5000
-    torchrun --nproc-per-node 2 -m mtnlg serve --run runs/big --device cuda   # tensor parallel over 2 GPUs
+    torchrun --nproc-per-node 2 -m mtnlg serve --run-dir runs/big --device cuda   # tensor parallel over 2 GPUs
 
 Under torchrun every rank loads the model and shards it tensor-parallel over
 all ranks; rank 0 serves HTTP and broadcasts each step's work.  The port
@@ -23,7 +23,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory made by `mtnlg train`")
+    src.add_argument("--run", "--run-dir", dest="run",
+                     help="run directory made by `mtnlg train` (spell it --run-dir under torchrun, whose own "
+                          "parser would take --run for its --run-path)")
     src.add_argument("--hf", help="a Hugging Face GPT-2 directory (config.json + weights + tokenizer)")
     p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory of --run (default: the latest)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

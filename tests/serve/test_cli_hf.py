@@ -91,3 +91,48 @@ def test_hf_gpt2_directory_loads_with_equal_logits(tmp_path):
         ours, theirs = model(ids), hf(ids).logits
     assert max_len == 64 and tok2.vocab_size == tok.vocab_size
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+def _wait_healthy(url: str, proc, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("server never became healthy")
+
+
+@pytest.mark.slow
+def test_torchrun_tensor_parallel_serve_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m mtnlg serve` (gloo, tp=2): the HTTP
+    answers equal the single-process server's greedy completions."""
+    run = tmp_path / "tprun"
+    _make_run(run)
+    body = {"prompt": ["The state of the Union is", "We must"], "max_tokens": 16, "temperature": 0,
+            "logprobs": 1}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    answers = []
+    for launcher in ([sys.executable, "-m", "mtnlg"],
+                     [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                      "--master-port", str(free_port()), "-m", "mtnlg"]):
+        port = free_port()
+        proc = subprocess.Popen(launcher + ["serve", "--run-dir", str(run), "--port", str(port), "--device", "cpu",
+                                            "--log-level", "warning"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_healthy(f"http://127.0.0.1:{port}", proc)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).json()
+            answers.append(r["choices"])
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out = proc.communicate(timeout=120)[0]
+        assert "ready on" in out and "mtnlg serve: stopped" in out, out
+    assert "(tp=2," in out
+    one, tp2 = answers
+    assert [c["text"] for c in one] == [c["text"] for c in tp2]
+    for a, b in zip(one, tp2):
+        assert b["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
