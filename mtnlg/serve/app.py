@@ -14,6 +14,7 @@ asyncio queue per HTTP call (:class:`Submission`).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     max_body_bytes: int = 16 << 20
     max_token_chars: int = 0  # longest vocabulary entry: n characters need >= n / this tokens
+    api_key: str | None = None  # if set, every route but /health and /metrics needs "Authorization: Bearer KEY"
 
     def ready(self) -> Engine:
         if self.load_error:
@@ -227,7 +229,8 @@ async def _json(request: HTTPRequest):
 class BodyLimitAndMetrics:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would buffer
     streams and hide client disconnects): refuses bodies over the limit with
-    413 before reading them and counts responses by route and status."""
+    413 before reading them, checks the API key (401) and counts responses by
+    route and status."""
 
     def __init__(self, app: FastAPI, state: ServerState):
         self.app, self.state = app, state
@@ -243,6 +246,14 @@ class BodyLimitAndMetrics:
                                            f"{self.state.max_body_bytes} bytes"), 413)
             self.state.metrics.http.labels(route, "413").inc()
             return await resp(scope, receive, send)
+
+        if self.state.api_key and route not in ("/health", "/metrics"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.state.api_key}".encode()):
+                resp = JSONResponse(error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                               "authentication_error"), 401)
+                self.state.metrics.http.labels(route if route in _ROUTES else "other", "401").inc()
+                return await resp(scope, receive, send)
 
         async def counting_send(message):
             if message["type"] == "http.response.start":

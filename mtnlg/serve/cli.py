@@ -10,6 +10,7 @@ opens at once; /health answers 200 once the model is loaded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a slot; beyond it new requests get 503 at once")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended (504)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
+    p.add_argument("--api-key", default=os.environ.get("MTNLG_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                        "(default: $MTNLG_API_KEY; none: open)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain-text one)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
@@ -131,6 +135,7 @@ def _serve_rank0(args, config, device, dtype, world, template, template_from) ->
 
     name = args.model_name or Path(args.run or args.hf).resolve().name
     state = new_state(name, config, int(args.max_body_mb * (1 << 20)))
+    state.api_key = args.api_key or None
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level=args.log_level, timeout_graceful_shutdown=5))
     failure: list[str] = []

@@ -79,8 +79,13 @@ def test_health_models_and_openai_completions(server, client, tiny):
     for p, c in zip(PROMPTS, r.choices):
         assert c.text == _greedy(model, tok, p, 12)
     assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in PROMPTS)
-    assert r.usage.completion_tokens == sum(len(tok.encode(c.text)) for c in r.choices) or \
-        r.usage.completion_tokens <= 4 * 12
+    generated = 0
+    for p in PROMPTS:  # tokens generated before the end-of-text token (which ends a choice uncounted)
+        ids = tok.encode(p)
+        out = generate(model, torch.tensor([ids]), 12, greedy=True, eos_id=tok.eod_id)[0, len(ids):].tolist()
+        generated += out.index(tok.eod_id) if tok.eod_id in out else len(out)
+    assert r.usage.completion_tokens == generated
+    assert r.usage.total_tokens == r.usage.prompt_tokens + generated
     # token prompts, n > 1 with a seed: reproducible, and choices differ from each other
     ids = tok.encode(PROMPTS[0])
     a = client.completions.create(model=NAME, prompt=ids, max_tokens=10, n=3, seed=5, temperature=1.0)
@@ -195,6 +200,20 @@ def test_client_disconnect_cancels_its_sequence(tiny):
         assert not engine.running and httpx.get(srv.url + "/health").status_code == 200
     finally:
         srv.stop()
+
+
+def test_api_key(server):
+    server.state.api_key = "s3cret"
+    try:
+        body = {"prompt": "We", "max_tokens": 2}
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 401
+        assert httpx.post(server.url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(server.url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200  # probes stay open
+    finally:
+        server.state.api_key = None
 
 
 def test_metrics_after_traffic(server):
