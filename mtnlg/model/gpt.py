@@ -54,12 +54,18 @@ class KVCache:
         self.values[layer][:, :, start:start + T] = v
         return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
 
-    def attn_mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean (T, L) mask for T new queries at positions start.. over L
-        cached keys; None means plain causal attention (a prefill from 0)."""
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Store the new keys/values, then attention of the new queries
+        (positions start..start+T-1) over every cached key up to their own
+        position.  Attention layers call this whenever a cache is given, so
+        another cache (the serving engine's ``SlotKVCache``) can lay out
+        sequences its own way."""
+        T = q.shape[2]
+        k, v = self.update(layer, k, v, start)
         if start == 0:
-            return None
-        return torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams)."""
@@ -82,15 +88,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        mask = None
-        if cache is not None:  # the cache knows which earlier keys each new query may see
-            k, v = cache.update(self.layer_id, k, v, start)
-            mask = cache.attn_mask(start, T, k.shape[2], x.device)
-        if mask is None:
+        if cache is not None:  # incremental decoding: the cache knows which earlier keys each query sees
+            y = cache.attend(self.layer_id, q, k, v, start)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
@@ -141,8 +143,9 @@ class GPT(nn.Module):
 
     def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         """``start`` is the position of the first token (all rows alike), or a
-        (B, T) tensor of every token's position for rows at different lengths
-        (the serving engine's batches; ``cache`` must then understand it, see
+        (B, T) tensor of every token's position, for tokens of sequences at
+        different lengths (the serving engine packs a step's tokens into one
+        row; its ``cache`` then understands that layout, see
         ``mtnlg.serve.cache.SlotKVCache``)."""
         if self.tok_emb is not None:
             T = x.shape[1]

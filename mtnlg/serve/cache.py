@@ -1,18 +1,26 @@
 """A key/value cache of independent sequence slots for continuous batching.
 
 The serving engine keeps up to ``slots`` sequences alive at once, each at its
-own length.  Every step it runs one forward over a padded (B, T) batch whose
-row b belongs to slot ``rows[b]`` and holds ``n_b`` real tokens (a decode step
-has 1, a prefill chunk up to the step's token budget) at positions
-``positions[b, :n_b]``; the rest of the row is padding.
+own length.  Every step it runs one forward over the step's tokens *packed*
+into a single row of N tokens: sequence r contributes ``lengths[r]``
+consecutive tokens (1 when decoding, a prompt chunk when prefilling) at
+positions ``positions[...]``, and owns cache slot ``rows[r]``.  Everything
+position-wise (embeddings, QKV/MLP projections, LayerNorms, the output head)
+then runs on exactly N tokens, with no padding however mixed the step is.
 
-Before the forward the engine calls :meth:`SlotKVCache.plan`; each attention
-layer then calls :meth:`update` (scatter the real tokens' keys/values into
-their slots, gather the rows' slots back) and :meth:`attn_mask` (a query at
-position p sees its own slot's keys 0..p).  Padding tokens are never written
-and no real query can see past its own position, so a slot needs no clearing
-when a new sequence takes it over: positions 0..p are always rewritten before
-they are read.
+Only attention needs the sequences apart.  :meth:`SlotKVCache.attend`
+(called by every attention layer, see ``KVCache.attend``)
+
+1. scatters the N new keys/values into their slots at their positions;
+2. regroups the queries into a padded (R, T_max) batch, one row per
+   sequence, and gathers those sequences' slots (R, H, span, D) — a view,
+   without copying, when the slots are consecutive;
+3. runs attention with a mask that lets a query at position p see its own
+   slot's keys 0..p, and packs the outputs back into the single row.
+
+Padding queries are discarded and never written, and no query sees past its
+own position, so a slot needs no clearing when a new sequence takes it over:
+positions 0..p are always rewritten before they are read.
 
 Shapes: buffers (slots, H_local, max_len, D) per layer, allocated on first use
 with the head count the layer hands in, so tensor-parallel ranks (which hold
@@ -21,6 +29,7 @@ H/tp heads) use the same code.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class SlotKVCache:
@@ -28,38 +37,42 @@ class SlotKVCache:
         self.slots, self.max_len = slots, max_len
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
-        self._rows = self._mask = self._write = None
-        self._span = 0
 
     def plan(self, rows: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Describe the next forward: ``rows`` (B,) slot of each row,
-        ``positions`` (B, T) position of each token (padding repeats the row's
-        last real position), ``lengths`` (B,) real tokens per row (>= 1)."""
-        B, T = positions.shape
-        valid = torch.arange(T, device=positions.device)[None, :] < lengths[:, None]
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        self._write = (b_idx, t_idx, rows[b_idx], positions[b_idx, t_idx])
+        """Describe the next forward: ``rows`` (R,) slot of each sequence,
+        ``positions`` (N,) position of every packed token, ``lengths`` (R,)
+        tokens per sequence (>= 1; sequence r's tokens follow sequence r-1's)."""
+        R, dev = rows.shape[0], rows.device
+        T = int(lengths.max())
+        starts = torch.cumsum(lengths, 0) - lengths                       # offset of each sequence's first token
+        t = torch.arange(T, device=dev)
+        valid = t[None, :] < lengths[:, None]                             # (R, T)
+        # packed index of every padded (r, t) cell; padding repeats the sequence's last token
+        self._gather = starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)
+        self._valid = valid
+        self._token_slot = torch.repeat_interleave(rows, lengths)         # (N,)
+        self._token_pos = positions
+        qpos = positions[self._gather]                                    # (R, T) query positions
+        span = int(positions.max()) + 1                                   # keys beyond the furthest query are unused
+        self._mask = torch.arange(span, device=dev)[None, None, None, :] <= qpos[:, None, :, None]  # (R,1,T,span)
+        self._span = span
         first = int(rows[0])
-        # rows that are consecutive slots read their cache as a view instead of a gathered copy
-        contiguous = bool((rows == torch.arange(first, first + B, device=rows.device)).all())
-        self._rows = slice(first, first + B) if contiguous else rows
-        self._span = int(positions.max()) + 1  # keys beyond the furthest query are never needed
-        keys = torch.arange(self._span, device=positions.device)
-        self._mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # (B, 1, T, span)
+        contiguous = bool((rows == torch.arange(first, first + R, device=dev)).all())
+        self._rows = slice(first, first + R) if contiguous else rows
 
-    def update(self, layer: str, k: torch.Tensor, v: torch.Tensor, start) -> tuple[torch.Tensor, torch.Tensor]:
-        _, H, _, D = k.shape
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start) -> torch.Tensor:
+        """q, k, v: (1, H, N, D) for the packed tokens; returns (1, H, N, D)."""
+        _, H, N, D = k.shape
         if layer not in self.keys:
             self.keys[layer] = k.new_zeros(self.slots, H, self.max_len, D)
             self.values[layer] = v.new_zeros(self.slots, H, self.max_len, D)
         kbuf, vbuf = self.keys[layer], self.values[layer]
-        b_idx, t_idx, slot_idx, pos_idx = self._write
-        kbuf[slot_idx, :, pos_idx] = k[b_idx, :, t_idx]
-        vbuf[slot_idx, :, pos_idx] = v[b_idx, :, t_idx]
-        return kbuf[self._rows, :, :self._span], vbuf[self._rows, :, :self._span]  # (B, H, span, D)
-
-    def attn_mask(self, start, T: int, L: int, device: torch.device) -> torch.Tensor:
-        return self._mask
+        kbuf[self._token_slot, :, self._token_pos] = k[0].transpose(0, 1)  # (N, H, D) into (slot, :, pos)
+        vbuf[self._token_slot, :, self._token_pos] = v[0].transpose(0, 1)
+        keys, values = kbuf[self._rows, :, :self._span], vbuf[self._rows, :, :self._span]  # (R, H, span, D)
+        qpad = q[0][:, self._gather].transpose(0, 1)                       # (H, R, T, D) -> (R, H, T, D)
+        y = F.scaled_dot_product_attention(qpad, keys, values, attn_mask=self._mask)
+        return y.transpose(0, 1)[:, self._valid][None]                     # (1, H, N, D), packed order
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))

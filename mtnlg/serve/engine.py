@@ -9,8 +9,9 @@ One engine thread loops over *steps*.  Each step it
 3. spends a token budget (``max_batch_tokens``): one token for every
    sequence that is decoding, the rest on prompt chunks of sequences still
    in prefill (chunked prefill), so new prompts are mixed with decoding;
-4. runs one batched forward (:class:`~mtnlg.serve.runner.ModelRunner`) and
-   samples the next token of every row that reached the end of its input;
+4. runs one forward over the step's tokens packed into one row
+   (:class:`~mtnlg.serve.runner.ModelRunner`, :class:`~mtnlg.serve.cache.SlotKVCache`)
+   and samples the next token of every sequence that reached the end of its input;
 5. hands each request its new tokens through the request's ``sink``
    callback and retires finished sequences, freeing their slots at once.
 
@@ -255,29 +256,25 @@ class Engine:
         if not rows:
             return None, rows
         rows.sort(key=lambda r: r[0].slot)  # consecutive slots let the cache use views (see SlotKVCache.plan)
-        B, T = len(rows), max(len(r[1]) for r in rows)
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        for b, (seq, toks, start) in enumerate(rows):
-            n = len(toks)
-            tokens[b, :n] = torch.tensor(toks)
-            positions[b] = torch.arange(start, start + T).clamp(max=start + n - 1)  # padding repeats the last
-        lengths = torch.tensor([len(r[1]) for r in rows])
-        slots = torch.tensor([r[0].slot for r in rows])
-        return StepPlan(tokens, positions, lengths, slots), rows
+        tokens = [t for _, toks, _ in rows for t in toks]
+        positions = [start + i for _, toks, start in rows for i in range(len(toks))]
+        plan = StepPlan(torch.tensor(tokens), torch.tensor(positions), torch.tensor([len(r[1]) for r in rows]),
+                        torch.tensor([r[0].slot for r in rows]))
+        return plan, rows
 
     def _process(self, rows: list, logits: torch.Tensor) -> None:
         logits = logits[..., :self.vocab_size]  # padded vocabulary entries are never produced
         now = time.monotonic()
-        n_tokens = n_prompt = 0
-        for b, (seq, toks, start) in enumerate(rows):
+        n_tokens = n_prompt = offset = 0
+        for seq, toks, start in rows:
             p = seq.req.params
             n = len(toks)
+            mine, offset = logits[offset:offset + n], offset + n  # this sequence's packed tokens
             out = Output()
             if not seq.decoding:  # a prefill chunk
                 n_prompt += n
                 if p.prompt_logprobs is not None:
-                    self._prompt_logprobs(seq, logits[b, :n], start, n)
+                    self._prompt_logprobs(seq, mine, start, n)
                 seq.cursor += n
                 if not seq.decoding:
                     continue
@@ -287,7 +284,7 @@ class Engine:
                     self._emit(seq, out)
                     self._finish(seq, "length")
                     continue
-            row = logits[b, n - 1]
+            row = mine[n - 1]
             tok = self._sample(row, p, seq.generator)
             n_tokens += 1
             stop = tok in p.stop_ids

@@ -22,13 +22,14 @@ from mtnlg.serve.cache import SlotKVCache
 
 @dataclass
 class StepPlan:
-    """One forward: row b feeds ``tokens[b, :lengths[b]]`` at ``positions[b]``
-    into cache slot ``rows[b]``; the rest of the row is padding."""
+    """One forward over the step's tokens packed into one row: sequence r
+    feeds the next ``lengths[r]`` of ``tokens`` (at ``positions``) into cache
+    slot ``rows[r]``."""
 
-    tokens: torch.Tensor     # (B, T) int64
-    positions: torch.Tensor  # (B, T) int64
-    lengths: torch.Tensor    # (B,) int64
-    rows: torch.Tensor       # (B,) int64
+    tokens: torch.Tensor     # (N,) int64
+    positions: torch.Tensor  # (N,) int64
+    lengths: torch.Tensor    # (R,) int64
+    rows: torch.Tensor       # (R,) int64
 
 
 @dataclass
@@ -72,10 +73,11 @@ class ModelRunner:
     # ---- every rank
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Logits (N, V) of every packed token."""
         d = self.device
         tokens, positions = plan.tokens.to(d), plan.positions.to(d)
         self.cache.plan(plan.rows.to(d), positions, plan.lengths.to(d))
-        return self.gather_logits(self.model(tokens, self.cache, positions))
+        return self.gather_logits(self.model(tokens[None], self.cache, positions[None]))[0]
 
     @torch.no_grad()
     def execute_beam(self, job: BeamJob) -> list[tuple[list[int], float]]:

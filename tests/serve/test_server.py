@@ -246,7 +246,10 @@ def test_full_queue_answers_503_at_once_and_timeouts_504(tiny):
                 t = time.monotonic()
                 r = await c.post("/v1/completions", json=body)
                 return r.status_code, time.monotonic() - t, r
-            return await asyncio.gather(*[one() for _ in range(4)])
+            first = asyncio.create_task(one())
+            while not srv.state.engine.running:  # the first request holds the only slot
+                await asyncio.sleep(0.01)
+            return await asyncio.gather(first, *[one() for _ in range(3)])
     try:
         results = asyncio.run(burst())
     finally:
