@@ -1,8 +1,8 @@
 """Load a Hugging Face GPT-2 directory (``config.json``, weights, tokenizer)
 into our GPT for serving (``mtnlg serve --hf DIR``).
 
-If the converter package ``mtnlg.convert.hf`` provides ``load_hf_model`` it
-is used; otherwise this module maps GPT-2's weights itself: ``Conv1D``
+If the converter ``mtnlg.convert.hf`` provides ``load_hf_gpt2`` it is used;
+otherwise this module maps GPT-2's weights itself: ``Conv1D``
 weights are stored [in, out] and transposed, and the fused QKV rows are
 permuted from GPT-2's [Q | K | V] (each head-major) to our per-head
 [q_h | k_h | v_h] layout.
@@ -24,10 +24,13 @@ def load_hf(path: str | Path, device: torch.device, dtype: torch.dtype):
     if not (path / "config.json").is_file():
         raise UserError(f"--hf {str(path)!r} has no config.json (expected a Hugging Face GPT-2 directory)")
     try:
-        from mtnlg.convert.hf import load_hf_model  # the converter's loader, when present
+        from mtnlg.convert.hf import load_hf_gpt2  # the converter's loader (one mapping table), when present
     except ImportError:
-        load_hf_model = _load_gpt2
-    model = load_hf_model(path)
+        load_hf_gpt2 = None
+    if load_hf_gpt2 is not None:
+        cfg, model, tok = load_hf_gpt2(path, device, dtype)
+        return model, tok, cfg.seq_len
+    model = _load_gpt2(path)
     model.to(device=device, dtype=dtype).eval()
     return model, load_tokenizer(str(path)), model.cfg.seq_len
 

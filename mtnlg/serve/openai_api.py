@@ -213,10 +213,12 @@ async def _chat(state: ServerState, body: ChatRequest, request: HTTPRequest):
     _check_model(state, body.model)
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
     try:
-        prompt_text = state.chat.render(messages, body.add_generation_prompt)
+        ids = state.chat.prompt_ids(state.tokenizer, messages, body.add_generation_prompt)
+        if ids is None:
+            ids = (await state.encode([state.chat.render(messages, body.add_generation_prompt)]))[0]
     except ValueError as err:
         raise ApiError(400, str(err), param="messages") from None
-    ids = (await state.encode([prompt_text]))[0] or [state.tokenizer.eod_id]
+    ids = ids or [state.tokenizer.eod_id]
     max_tokens = body.max_completion_tokens or body.max_tokens or state.max_len - len(ids)
     try:
         engine.check(len(ids), max(max_tokens, 1))

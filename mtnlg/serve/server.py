@@ -16,7 +16,7 @@ from mtnlg.serve.text import ChatTemplate, DEFAULT_CHAT_TEMPLATE
 
 
 def attach_model(state: ServerState, model: torch.nn.Module, tokenizer, max_len: int, device: torch.device,
-                 config: EngineConfig, chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                 config: EngineConfig, chat_template: str | object = DEFAULT_CHAT_TEMPLATE,
                  gather_logits=lambda x: x, group=None) -> Engine:
     """Start an engine over ``model`` and make ``state`` ready (/health turns 200)."""
     runner = ModelRunner(model, config.max_batch, max_len, device, gather_logits, group)
@@ -25,7 +25,8 @@ def attach_model(state: ServerState, model: torch.nn.Module, tokenizer, max_len:
     eos = tokenizer.hf.id_to_token(tokenizer.eod_id) or ""
     state.tokenizer, state.max_len = tokenizer, max_len
     state.max_token_chars = max(len(t) for t in tokenizer.hf.get_vocab(with_added_tokens=True))
-    state.chat = ChatTemplate(chat_template, bos_token=eos, eos_token=eos)
+    state.chat = (ChatTemplate(chat_template, bos_token=eos, eos_token=eos) if isinstance(chat_template, str)
+                  else chat_template)  # e.g. text.FinetuneChat
     state.engine = engine
     return engine
 

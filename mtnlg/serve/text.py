@@ -74,10 +74,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def find_chat_template(explicit: str | None, model_dir: str | Path | None) -> tuple[str, str]:
-    """(template, where it came from): --chat-template FILE, else the model
-    directory's chat_template.jinja or tokenizer_config.json["chat_template"]
-    (Hugging Face layout), else the plain-text default."""
+def find_chat_template(explicit: str | None, model_dir: str | Path | None) -> tuple[object, str]:
+    """(template, where it came from): --chat-template FILE (Jinja), else the
+    model directory's ``chat_template.json`` (written by ``mtnlg finetune``),
+    ``chat_template.jinja`` or ``tokenizer_config.json["chat_template"]``
+    (Hugging Face layout), else the plain-text default.  The template is a
+    Jinja source string or a :class:`FinetuneChat`."""
     if explicit:
         p = Path(explicit)
         if not p.is_file():
@@ -85,6 +87,13 @@ def find_chat_template(explicit: str | None, model_dir: str | Path | None) -> tu
         return p.read_text(), str(p)
     if model_dir:
         d = Path(model_dir)
+        if (d / "chat_template.json").is_file():
+            try:
+                from mtnlg.finetune.template import load_chat_template
+            except ImportError:
+                load_chat_template = None
+            if load_chat_template is not None:
+                return FinetuneChat(load_chat_template(d)), str(d / "chat_template.json")
         if (d / "chat_template.jinja").is_file():
             return (d / "chat_template.jinja").read_text(), str(d / "chat_template.jinja")
         cfg = d / "tokenizer_config.json"
@@ -96,6 +105,32 @@ def find_chat_template(explicit: str | None, model_dir: str | Path | None) -> tu
             if isinstance(tpl, str):
                 return tpl, str(cfg)
     return DEFAULT_CHAT_TEMPLATE, "default"
+
+
+class FinetuneChat:
+    """The template a model was fine-tuned with (``mtnlg.finetune.template``):
+    prompts are tokenized segment by segment exactly as in training."""
+
+    ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+    def __init__(self, template):
+        self.template = template
+        self.source = template.to_jinja()
+
+    def _messages(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for i, m in enumerate(messages):
+            if m["role"] not in self.ROLES:
+                raise ValueError(f"messages[{i}].role {m['role']!r} is not supported by this model's chat template "
+                                 f"(system, user, assistant)")
+            out.append({"role": self.ROLES[m["role"]], "content": m["content"]})
+        return out
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.template.text(self._messages(messages), add_generation_prompt)
+
+    def prompt_ids(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int] | None:
+        return self.template.encode(tokenizer, self._messages(messages), add_generation_prompt)[0]
 
 
 class ChatTemplate:
@@ -111,6 +146,9 @@ class ChatTemplate:
         except TemplateError as err:
             raise UserError(f"invalid chat template: {err}") from None
         self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+
+    def prompt_ids(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int] | None:
+        return None  # tokenize the rendered text
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from jinja2 import TemplateError

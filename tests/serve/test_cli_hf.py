@@ -136,3 +136,21 @@ def test_torchrun_tensor_parallel_serve_equals_one_process(tmp_path):
     assert [c["text"] for c in one] == [c["text"] for c in tp2]
     for a, b in zip(one, tp2):
         assert b["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
+
+
+def test_chat_template_sources(tmp_path):
+    from mtnlg.serve.text import DEFAULT_CHAT_TEMPLATE, ChatTemplate, find_chat_template
+    assert find_chat_template(None, tmp_path) == (DEFAULT_CHAT_TEMPLATE, "default")
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}!"}')
+    src, where = find_chat_template(None, tmp_path)
+    assert ChatTemplate(src).render([{"role": "user", "content": "hi"}]) == "hi!" and where.endswith("config.json")
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert find_chat_template(None, tmp_path)[0] == "J"
+    finetune = pytest.importorskip("mtnlg.finetune.template")  # the fine-tuning helper's template, when present
+    template = finetune.ChatTemplate()
+    template.save(tmp_path)
+    chat, where = find_chat_template(None, tmp_path)
+    tok = tiny_tokenizer()
+    msgs = [{"role": "user", "content": "Hello there"}]
+    assert where.endswith("chat_template.json")
+    assert chat.prompt_ids(tok, msgs) == template.encode(tok, msgs, add_generation_prompt=True)[0]
