@@ -106,6 +106,16 @@ def test_streaming_equals_non_streaming_and_ends_with_done(server, client):
         parts += [c.text for c in chunk.choices]
     assert "".join(parts) == whole.choices[0].text and len(parts) > 3
     assert usage.completion_tokens == whole.usage.completion_tokens
+    # logprobs arrive with their tokens, echo first: together they equal the non-streamed ones
+    kw = dict(model=NAME, prompt=PROMPTS[1], max_tokens=8, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    tokens, lps = [], []
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+    assert tokens == whole.tokens and lps == whole.token_logprobs
     with httpx.stream("POST", server.url + "/v1/completions",
                       json={"prompt": "We", "max_tokens": 5, "temperature": 0, "stream": True}) as r:
         lines = [ln for ln in r.iter_lines() if ln]
@@ -175,6 +185,13 @@ def test_megatron_api(server, tiny):
     want = beam_search_all(model, torch.tensor([tok.encode(PROMPTS[0])]), 6, 3, eos_id=tok.eod_id)
     assert beam["text"] == [tok.decode(s) for s, _ in want]
     assert beam["scores"] == pytest.approx([s for _, s in want])
+    score = httpx.put(server.url + "/api", json={"prompts": [PROMPTS[0]], "tokens_to_generate": 0,
+                                                 "logprobs": True}).json()  # scoring only
+    ids = tok.encode(PROMPTS[0])
+    with torch.no_grad():
+        lp = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    assert score["text"] == [PROMPTS[0]]
+    assert score["logprobs"][0] == pytest.approx([float(lp[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
     bad = httpx.put(server.url + "/api", json={"prompts": ["a"], "top_k": 5, "top_p": 0.5})
     assert bad.status_code == 400 and bad.json() == "cannot set both top-k and top-p samplings."
 
