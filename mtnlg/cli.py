@@ -22,6 +22,7 @@ COMMANDS = {
     "import": ("mtnlg.convert.import_cmd", "make a run directory from a Hugging Face GPT-2 directory"),
     "eval": ("mtnlg.evaluate.cli", "perplexity of a run on its data splits or a text file; zero-/few-shot task accuracy (--tasks)"),
     "lm-eval": ("mtnlg.evaluate.lm_eval_cmd", "lm-evaluation-harness with the mtnlg model and offline tasks registered"),
+    "serve": ("mtnlg.serve.cli", "serve a model over HTTP: Megatron's PUT /api and OpenAI's /v1 API, continuous batching"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
 
