@@ -16,7 +16,6 @@ COMMANDS = {
     "preprocess": ("mtnlg.data.preprocess", "clean, deduplicate and tokenize raw text into indexed datasets"),
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
-    "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
     "checkpoint": ("mtnlg.train.checkpoint_cmd", "verify checkpoints, or convert old single-file ones to sharded DCP"),
     "export": ("mtnlg.convert.export_cmd", "write a run's checkpoint as a Hugging Face GPT-2 directory"),
     "import": ("mtnlg.convert.import_cmd", "make a run directory from a Hugging Face GPT-2 directory"),

@@ -96,20 +96,6 @@ def beam_candidates(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens
     (sequence (T + n,), length-normalised score), best first."""
     if prompt.shape[0] != 1:
         raise UserError("beam search takes one prompt at a time")
-    best, score = beam_search_all(model, prompt, max_new_tokens, num_beams, eos_id, length_penalty,
-                                  gather_logits)[0]
-    return torch.tensor([best], device=prompt.device), score
-
-
-@torch.no_grad()
-def beam_search_all(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
-                    eos_id: int | None = None, length_penalty: float = 1.0,
-                    gather_logits: Callable = lambda x: x) -> list[tuple[list[int], float]]:
-    """Beam search for one prompt (1, T): the ``num_beams`` best finished
-    hypotheses (prompt + generation token lists), best first, each with its
-    length-normalised log-probability (score / length**length_penalty)."""
-    if prompt.shape[0] != 1:
-        raise UserError("beam search takes one prompt at a time")
     T = prompt.shape[1]
     _check_length(model, T, max_new_tokens)
     model.eval()
@@ -141,4 +127,12 @@ def beam_search_all(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens
             done.append((scores[b].item() / (n ** length_penalty), beams[b]))
     done.sort(key=lambda x: -x[0])
     return [(seq, score) for score, seq in done]
-    return [(seq.tolist(), score) for score, seq in done[:num_beams]]
+
+
+def beam_search_all(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
+                    eos_id: int | None = None, length_penalty: float = 1.0,
+                    gather_logits: Callable = lambda x: x) -> list[tuple[list[int], float]]:
+    """The ``num_beams`` best finished hypotheses of a beam search for one prompt
+    (1, T) as (prompt + generation token list, length-normalised score), best first."""
+    found = beam_candidates(model, prompt, max_new_tokens, num_beams, eos_id, length_penalty, gather_logits)
+    return [(seq.tolist(), score) for seq, score in found[:num_beams]]
