@@ -99,6 +99,8 @@ class TrainConfig:
     eval_interval: int = _f(100, "compute validation loss every N steps (0 disables; always at the end)")
     eval_batches: int = _f(10, "micro-batches per validation")
     save_interval: int = _f(500, "checkpoint every N steps (always at the end)")
+    save_interval_minutes: float = _f(0.0, "also checkpoint when this many minutes have passed since the last "
+                                           "checkpoint (0 disables): bounds the work a crash or kill -9 loses")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     threads: int = _f(0, "torch intra-op threads on CPU; 0 keeps torch's default")
 
@@ -175,6 +177,8 @@ class Config:
         for name in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "eval_batches", "threads"):
             if getattr(t, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.save_interval_minutes < 0:
+            raise UserError(f"train.save_interval_minutes must be >= 0, got {t.save_interval_minutes}")
         if self.optim.warmup_steps < 0 or self.optim.decay_steps < 0:
             raise UserError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if p.timeout_s <= 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mtnlg.errors import UserError
+from mtnlg.io import write_atomic
 
 # dense bf16 datasheet peaks; more specific names first (H100 PCIe/NVL are lower than SXM)
 GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0, "H100": 989.0, "H200": 989.0,
@@ -70,7 +70,7 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists() and start_step > 0:
+        if self.path.exists():  # a new run (start_step 0) drops a killed attempt's lines too
             self._truncate_after(start_step)
         use_bar = progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty())
         if use_bar:
@@ -81,22 +81,24 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("logging.tensorboard=true needs the tensorboard package: pip install 'mtnlg[tensorboard]'") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop them (and
-        a line cut short by a crash); the file is replaced atomically."""
-        kept = []
+        """Make the file the history of the run as resumed: drop the lines after
+        the resumed step (all of them for a new run), lines cut short by a crash,
+        and earlier copies of a step (the newest attempt's line wins); the file
+        is replaced atomically."""
+        kept: dict[int, str] = {}
         for line in self.path.read_text().splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                at = int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+            if at <= step:
+                kept.pop(at, None)
+                kept[at] = line
+        write_atomic(self.path, "".join(kept[s] + "\n" for s in sorted(kept)))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -151,5 +151,24 @@ def run(args: argparse.Namespace) -> int:
         if topo.is_main:
             print(f"mtnlg train: run already finished ({trainer.step}/{cfg.train.steps} steps)")
         return 0
-    trainer.fit(stop_after=args.stop_after)
-    return 0
+    return fit_and_report(trainer, cfg, run_dir, args.stop_after)
+
+
+def fit_and_report(trainer, cfg: Config, run_dir: Path, stop_after: int | None) -> int:
+    """Train, then print where the run stands and how to go on; the exit code says
+    whether it finished (0) or was stopped by a signal with a checkpoint (75)."""
+    import time
+
+    from mtnlg.train import checkpoint as ckpt
+    from mtnlg.train.summary import end_of_training
+    t0 = time.perf_counter()
+    records = trainer.fit(stop_after=stop_after)
+    try:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    except Exception:  # noqa: BLE001 - the summary must not hide the run's outcome
+        latest = None
+    lines, code = end_of_training(records, trainer.step, cfg.train.steps, run_dir, latest, trainer.stop_reason,
+                                  trainer.topo.world_size, time.perf_counter() - t0)
+    if trainer.topo.is_main:
+        print("\n".join(lines), flush=True)
+    return code
