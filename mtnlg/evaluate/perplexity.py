@@ -83,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{path} has fewer than {seq_len + 1} tokens, the model's context + 1")
         what = str(path)
     else:
+        from mtnlg.config import check_relative_data_paths
         from mtnlg.data.samples import build_datasets
+        if not args.data:
+            check_relative_data_paths(cfg, Path(args.run) / "config.toml")
         blend = [(1.0, p) for p in args.data] if args.data else [(float(w), p) for w, p in cfg.data.blend]
         split = tuple(float(x) for x in cfg.data.split) if not args.data else (0.0, 1.0, 0.0)
         index = {"train": 0, "valid": 1, "test": 2}[args.split if not args.data else "valid"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.config import Config, apply_overrides, dump_toml, load_config
+from mtnlg.config import (Config, absolute_data_paths, apply_overrides, check_relative_data_paths, dump_toml,
+                          load_config)
 from mtnlg.errors import UserError
 from mtnlg.train.topology import Topology
 
@@ -38,17 +39,20 @@ def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> t
     saved = run_dir / "config.toml"
     if saved.exists():
         from mtnlg.train.trainer import config_digest
-        cfg = load_config(saved, overrides)
-        if config_digest(cfg) != config_digest(load_config(saved)):
+        cfg, recorded = load_config(saved, overrides), load_config(saved)
+        if config_digest(absolute_data_paths(cfg)) != config_digest(absolute_data_paths(recorded)):
             raise UserError(f"--set may not change the model, data or optimizer of the existing run {run_dir} "
                             f"(only train.steps, intervals and logging.*); start a new --run instead")
-        if config and config_digest(load_config(config, overrides)) != config_digest(cfg):
+        if config and (config_digest(absolute_data_paths(load_config(config, overrides)))
+                       != config_digest(absolute_data_paths(cfg))):
             raise UserError(f"run directory {run_dir} already holds a run with a different config; "
                             f"omit --config to resume it, or choose a new --run")
+        cfg.data = recorded.data  # --set may respell a data path (relative/absolute), but the run keeps its own
+        check_relative_data_paths(cfg, saved)
         return cfg, True
     if not config:
         raise UserError(f"{run_dir} holds no run yet: pass --config (e.g. configs/tiny.toml)")
-    return load_config(config, overrides), False
+    return absolute_data_paths(load_config(config, overrides)), False  # the run works from any directory
 
 
 def data_blend(cfg: Config) -> list[tuple[float, str]]:

@@ -139,3 +139,39 @@ def test_torchrun_ranks_agree_on_the_stop_step(tmp_path, sotu_small):
     train(tmp_path / "single", over, stop_after=step + 2)
     for a, b in zip(curve(run_dir), curve(tmp_path / "single"), strict=True):
         assert a[0] == b[0] and a[1:] == pytest.approx(b[1:], rel=1e-4)
+
+
+def test_restart_without_checkpoint_starts_metrics_afresh(tmp_path, sotu_small):
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(sotu_small)
+    train(run_dir, over, stop_after=3)
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints")  # the attempt was killed before its first checkpoint
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.0')  # and its last line was torn
+    assert train(run_dir, [], config=None, stop_after=2) == 0  # "new run" in the existing directory
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_metrics_keep_one_line_per_step_up_to_the_resumed_step(tmp_path):
+    from mtnlg.train.metrics import MetricsLogger
+    lines = [{"step": s, "loss": float(i)} for i, s in enumerate([2, 4, 6, 2, 4, 6, 8])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 10, "lo')
+    MetricsLogger(tmp_path, 100, start_step=4, progress_bar="never").close()
+    assert read_metrics(tmp_path) == [{"step": 2, "loss": 3.0}, {"step": 4, "loss": 4.0}]  # newest copy wins
+    MetricsLogger(tmp_path, 100, start_step=0, progress_bar="never").close()
+    assert read_metrics(tmp_path) == []
+
+
+@pytest.mark.parametrize("minutes, saved_at", [(0.0, [4]), (1e-9, [1, 2, 3, 4])])
+def test_time_based_checkpoints(tmp_path, sotu_small, monkeypatch, minutes, saved_at):
+    from mtnlg.train.trainer import Trainer
+    steps, real_save = [], Trainer.save
+
+    def save(self):
+        steps.append(self.step)
+        return real_save(self)
+    monkeypatch.setattr(Trainer, "save", save)
+    train(tmp_path / "r", tiny_overrides(sotu_small, **{"train.steps": 4, "train.save_interval": 100,
+                                                        "train.save_interval_minutes": minutes}))
+    assert steps == saved_at
