@@ -125,9 +125,24 @@ def get_tokenizer(files: list[str], args: argparse.Namespace, config: FilterConf
         return load_tokenizer(args.tokenizer)
     if not args.train_tokenizer:
         raise UserError("give --tokenizer FILE or --train-tokenizer")
-    tokenizer = train_tokenizer(_training_texts(files, args, config), args.vocab_size)
+    seen = {"texts": 0, "bytes": 0}
+
+    def counted(texts):
+        for text in texts:
+            seen["texts"] += 1
+            seen["bytes"] += len(text.encode("utf-8"))
+            yield text
+    tokenizer = train_tokenizer(counted(_training_texts(files, args, config)), args.vocab_size)
+    if not seen["texts"]:
+        raise UserError(f"--train-tokenizer found no text to learn from in {', '.join(files) or 'the input'}: "
+                        f"every document was empty, malformed or removed by the quality filters "
+                        f"(try --text-key or --no-filters); no tokenizer was written")
     path = args.tokenizer_out or args.output + ".tokenizer.json"
     tokenizer.save(path)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"warning: the tokenizer has {tokenizer.vocab_size} tokens, not the {args.vocab_size} asked for: "
+              f"{seen['bytes']:,} bytes of text in {seen['texts']} documents hold no more merges to learn",
+              file=sys.stderr)
     if not args.quiet:
         print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {path}", file=sys.stderr)
     return tokenizer
@@ -190,13 +205,14 @@ def run(args: argparse.Namespace) -> int:
     with IndexedDatasetWriter(args.output, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.fingerprint()) as writer:
         kept = run_pipeline(read_documents(files, args.text_key, problems), setup, writer, stats, problems,
                             workers=max(1, args.workers), batch_size=max(1, args.batch_size), progress=progress)
-        writer.finalize()
+        if stats.documents_out:  # an empty dataset is not written: an earlier PREFIX.bin/.idx stays as it was
+            writer.finalize()
     if progress is not None:
         progress.close()
     problems.summary()
     from mtnlg.data.shards import save_dedup_keys
 
-    if args.dedup != "none":
+    if args.dedup != "none" and stats.documents_out:
         save_dedup_keys(args.output, kept, args.dedup, setup.minhash)
     report = {**stats.as_dict(), "inputs": files, "shard": f"{shard}/{num_shards}", "dedup": args.dedup,
               "dedup_threshold": args.dedup_threshold, "filters": vars(config),
@@ -205,7 +221,17 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(args.output + ".report.json", report)
     if not args.quiet:
         print_summary(report)
+    if not stats.documents_out:
+        raise UserError(no_output_message(report, args.output))
     return 0
+
+
+def no_output_message(report: dict, prefix: str) -> str:
+    removed = sum(report["removed_by_filter"].values())
+    dups = report["exact_duplicates"] + report["fuzzy_duplicates"]
+    return (f"no document survived ({report['documents_in']} read: {report['malformed']} malformed or empty, "
+            f"{removed} removed by quality filters, {dups} duplicates), so {prefix}.bin/.idx were not written; "
+            f"see {prefix}.report.json, and check --text-key or loosen --filter / --no-filters")
 
 
 def main(argv: list[str] | None = None) -> int:
