@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def build_data(cfg: Config):
 def run(args: argparse.Namespace) -> int:
     from mtnlg.model.gpt import build_model
     from mtnlg.train.ac import apply_activation_checkpointing
-    from mtnlg.train.metrics import default_peak_tflops
+    from mtnlg.train.metrics import peak_tflops, precision_warning
     from mtnlg.train.precision import param_dtype
     from mtnlg.train.trainer import Trainer
 
@@ -140,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
     topo.barrier()
 
     train_ds, valid_ds, _ = build_data(cfg)
-    peak = cfg.logging.peak_tflops or default_peak_tflops(device, cfg.train.precision)
+    peak, peak_source = peak_tflops(device, cfg.train.precision, cfg.logging.peak_tflops)
+    warning = precision_warning(device, cfg.train.precision)
+    if warning and topo.is_main:
+        print(warning, file=sys.stderr, flush=True)
     trainer = Trainer(cfg, model, train_ds, valid_ds, run_dir, device, topo, peak_tflops=peak)
     resumed = trainer.resume()
     if topo.is_main:
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtnlg train: {what} in {run_dir} | {n_params / 1e6:.2f}M params | device {device} | "
               f"world {topo.world_size} (dp {topo.dp_size}{f', zero {topo.zero}' if topo.zero else ''}) | "
               f"{cfg.train.precision} | "
-              f"train samples {len(train_ds)} | peak {peak:.3f} TFLOP/s", flush=True)
+              f"train samples {len(train_ds)} | MFU peak {peak:.3f} TFLOP/s ({peak_source})", flush=True)
     if trainer.step >= cfg.train.steps:
         if topo.is_main:
             print(f"mtnlg train: run already finished ({trainer.step}/{cfg.train.steps} steps)")

@@ -326,6 +326,7 @@ class Trainer:
                     record["tflops"] = tps * self.flops_per_token / 1e12 / self.topo.world_size
                     if self.peak_tflops > 0:
                         record["mfu"] = record["tflops"] / self.peak_tflops
+                        record["peak_tflops"] = self.peak_tflops
                     if self.device.type == "cuda":
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     logger.log(record)
