@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SOTU
 from mtnlg.cli import main as mtnlg_main
+
+SOTU = Path(__file__).resolve().parents[1] / "data" / "sotu" / "sotu.jsonl.gz"
 
 
 def cli(capsys, *args):
@@ -100,3 +101,21 @@ def test_long_documents_are_tokenized_and_hashed_piecewise_with_identical_result
     assert np.array_equal(ids[:-1], whole) and ids[-1] == tok.eod_id
     small = MinHasher(MinHashParams(), window=4096).signature(text)
     assert np.array_equal(small, MinHasher(MinHashParams(), window=10 ** 9).signature(text))
+
+
+def test_documents_over_the_size_limit_are_skipped_and_reported(capsys, tmp_path, sotu_small):
+    import gzip
+    with gzip.open(SOTU, "rt") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(3), f)]
+    big = " ".join(texts)
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"text": big}) + "\n" + "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    limit_mb = (len(big) - 100) / 2**20
+    out = str(tmp_path / "o")
+    code, _, err = cli(capsys, "preprocess", "--input", str(path), "--output", out, "--max-document-mb",
+                       str(limit_mb), "--tokenizer", sotu_small + ".tokenizer.json", "--workers", "1")
+    assert code == 0 and f"{path}:1: too_long:" in err and "exceeds --max-document-mb" in err
+    report = json.loads(Path(out + ".report.json").read_text())
+    assert report["malformed_by_kind"] == {"too_long": 1} and report["documents_out"] == 3
+    assert cli(capsys, "preprocess", "--input", str(path), "--output", out, "--max-document-mb", "-1",
+               "--tokenizer", sotu_small + ".tokenizer.json")[0] == 2

@@ -80,7 +80,7 @@ def _mixed_shingles(raw: bytes) -> np.ndarray:
 class MinHasher:
     """Computes ``num_perm`` uint32 minima of h_i(x) = (a_i x + b_i) >> 32 (mod 2^64)."""
 
-    def __init__(self, params: MinHashParams, block: int = 2048, window: int = 1 << 20):
+    def __init__(self, params: MinHashParams, block: int = 2048, window: int = 1 << 18):
         self.params = params
         a, b = params.coefficients()
         self.a, self.b = a[:, None], b[:, None]

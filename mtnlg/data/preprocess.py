@@ -16,7 +16,7 @@ from mtnlg.data.clean import FilterConfig, QualityFilter, normalize
 from mtnlg.data.dedup import MinHashParams
 from mtnlg.data.indexed import IndexedDatasetWriter
 from mtnlg.data.pipeline import Stats, WorkerSetup, run_pipeline
-from mtnlg.data.readers import Problem, expand_inputs, read_documents, shard_files
+from mtnlg.data.readers import MAX_DOCUMENT_BYTES, Problem, expand_inputs, read_documents, shard_files
 from mtnlg.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from mtnlg.errors import UserError
 
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--text-key", default="text", help="JSON key holding the document text (default: text)")
     io.add_argument("--strict", action="store_true",
                     help="stop with an error at the first malformed record instead of counting and skipping it")
+    io.add_argument("--max-document-mb", type=float, default=MAX_DOCUMENT_BYTES / 2**20, metavar="MB",
+                    help="skip (and report as too_long) documents larger than this; peak memory per worker is "
+                         "~25x the largest document (default 64; 0: no limit)")
     io.add_argument("--max-problems-shown", type=int, default=20, metavar="N",
                     help="print at most N malformed-record messages (all are counted; default 20)")
     tok = parser.add_argument_group("tokenizer")
@@ -102,6 +105,12 @@ class ProblemLog:
             print(f"warning: {hidden} more malformed records not shown (see the report)", file=sys.stderr)
 
 
+def max_document_bytes(args: argparse.Namespace) -> int | None:
+    if args.max_document_mb < 0:
+        raise UserError(f"--max-document-mb must be >= 0 (0: no limit), got {args.max_document_mb}")
+    return int(args.max_document_mb * 2**20) or None
+
+
 def filter_config(args: argparse.Namespace) -> FilterConfig:
     config = FilterConfig.disabled() if args.no_filters else FilterConfig()
     for assignment in args.filter:
@@ -111,7 +120,7 @@ def filter_config(args: argparse.Namespace) -> FilterConfig:
 
 def _training_texts(files: list[str], args: argparse.Namespace, config: FilterConfig):
     quality, budget = QualityFilter(config), args.tokenizer_train_bytes
-    for doc in read_documents(files, args.text_key, lambda problem: None):
+    for doc in read_documents(files, args.text_key, lambda problem: None, max_document_bytes(args)):
         text = doc.text if args.no_normalize else normalize(doc.text)
         if text and quality.reason(text) is None:
             budget -= len(text.encode("utf-8"))
@@ -203,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
 
         progress = tqdm(unit=" docs", desc="preprocess", dynamic_ncols=True, disable=None)
     with IndexedDatasetWriter(args.output, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.fingerprint()) as writer:
-        kept = run_pipeline(read_documents(files, args.text_key, problems), setup, writer, stats, problems,
+        docs = read_documents(files, args.text_key, problems, max_document_bytes(args))
+        kept = run_pipeline(docs, setup, writer, stats, problems,
                             workers=max(1, args.workers), batch_size=max(1, args.batch_size), progress=progress)
         if stats.documents_out:  # an empty dataset is not written: an earlier PREFIX.bin/.idx stays as it was
             writer.finalize()
