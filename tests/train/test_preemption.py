@@ -49,7 +49,8 @@ def curve(run_dir):
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_resumes_on_the_same_curve(tmp_path, sotu_small, signum):
     run_dir = tmp_path / "run"
     over = tiny_overrides(sotu_small, **LONG)
