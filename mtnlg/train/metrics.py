@@ -121,6 +121,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.warned_mfu = False
         if not enabled:
             return
         if self.path.exists():  # a new run (start_step 0) drops a killed attempt's lines too
@@ -162,6 +163,11 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+        if record.get("mfu", 0) > 1 and not self.warned_mfu:
+            self.warned_mfu = True
+            print(f"warning: MFU above 100% means the peak ({record.get('peak_tflops', 0):.3g} TFLOP/s) is too "
+                  f"low, e.g. measured while the machine was busy; set logging.peak_tflops "
+                  f"(cached CPU peaks: {peak_cache_path()})", file=sys.stderr, flush=True)
         line = format_record(record)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {record['loss']:.3f}", refresh=False)

@@ -55,3 +55,11 @@ def test_summary_of_a_preempted_multi_process_run(monkeypatch):
     assert code == 75
     assert lines[0].startswith("mtnlg train: stopped by SIGTERM after step 7 | step 7/100 | train loss 3.5000")
     assert "resume from step 7 with: torchrun --nproc-per-node 4 -m mtnlg train --run-dir 'runs/x y'" in lines[2]
+
+
+def test_mfu_above_100_percent_warns_once(tmp_path, capsys):
+    logger = metrics.MetricsLogger(tmp_path, 10, 0, progress_bar="never")
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 1.0, "tflops": 0.3, "mfu": 1.5, "peak_tflops": 0.2})
+    err = capsys.readouterr().err
+    assert err.count("MFU above 100%") == 1 and "logging.peak_tflops" in err
