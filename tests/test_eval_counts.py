@@ -3,7 +3,6 @@ clamped with a message (never repeated), texts shorter than the context are
 scored as they are, and every token of a text after the first is predicted once."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

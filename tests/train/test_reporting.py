@@ -3,7 +3,6 @@ machine) shown next to MFU, the fp16-on-CPU warning, and the end-of-training sum
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from trainhelpers import tiny_overrides, train
