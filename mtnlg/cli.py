@@ -28,6 +28,17 @@ COMMANDS = {
 PASS_THROUGH = {"lm-eval"}  # commands that hand unknown arguments to another program
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none worth showing or its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        boring = action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+        if boring or "default" in text.lower() or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from mtnlg.config import describe_options
 
@@ -39,7 +50,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         if wanted is None or name == wanted:  # import only the module we run (or all, for --help)
             importlib.import_module(module).add_arguments(p)
         p.set_defaults(module=module)

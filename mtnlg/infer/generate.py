@@ -18,6 +18,8 @@ from mtnlg.model.gpt import KVCache
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Scale by temperature, keep the top-k tokens, then the smallest set whose
     probability reaches top_p; everything else becomes -inf."""
+    if top_k < 0 or not 0 < top_p <= 1 or not temperature > 0:
+        raise UserError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     logits = logits.float() / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
