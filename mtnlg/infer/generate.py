@@ -18,6 +18,8 @@ from mtnlg.model.gpt import KVCache
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Scale by temperature, keep the top-k tokens, then the smallest set whose
     probability reaches top_p; everything else becomes -inf."""
+    if top_k < 0 or not 0 < top_p <= 1 or not temperature > 0:
+        raise UserError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     logits = logits.float() / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -127,3 +129,12 @@ def beam_candidates(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens
             done.append((scores[b].item() / (n ** length_penalty), beams[b]))
     done.sort(key=lambda x: -x[0])
     return [(seq, score) for score, seq in done]
+
+
+def beam_search_all(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
+                    eos_id: int | None = None, length_penalty: float = 1.0,
+                    gather_logits: Callable = lambda x: x) -> list[tuple[list[int], float]]:
+    """The ``num_beams`` best finished hypotheses of a beam search for one prompt
+    (1, T) as (prompt + generation token list, length-normalised score), best first."""
+    found = beam_candidates(model, prompt, max_new_tokens, num_beams, eos_id, length_penalty, gather_logits)
+    return [(seq.tolist(), score) for seq, score in found[:num_beams]]
