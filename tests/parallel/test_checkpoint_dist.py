@@ -5,7 +5,7 @@ One spawn trains tp2, dp2 x zero3 and pp2 for two steps and saves each
 layouts (zero3 -> tp2, tp2 -> dp2 x zero1, one process -> pp2, pp2 -> tp2)
 and takes one more step.  The parent resumes the tp2 / zero3 / pp2
 checkpoints in one process.  Every resumed step-3 loss equals the
-uninterrupted single-process run's (rel 1e-4; observed ~1e-7: fp32
+uninterrupted single-process run's (rel 1e-4; observed <= 1.7e-7: fp32
 reductions in another order).  A second spawn kills a rank in the middle of
 an asynchronous save: the previous checkpoint stays `latest`, intact and
 resumable.

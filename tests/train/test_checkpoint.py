@@ -267,3 +267,12 @@ def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path, sotu_small, capsys
     assert all(torch.equal(p, first[n]) for n, p in model.named_parameters())
     with pytest.raises(UserError, match="step_00000002 is damaged: .*__0_0.distcp has"):
         load_run(tmp_path / "run", checkpoint=second)
+
+
+def test_missing_latest_marker_uses_the_newest_intact_checkpoint(tmp_path, capsys):
+    """A crash between renaming the first checkpoint into place and writing `latest`."""
+    root = _saved(tmp_path / "ckpt", steps=(1, 2))
+    (root / "latest").unlink()
+    assert ck.latest_checkpoint(root) == root / "step_00000002"
+    assert "latest is missing" in capsys.readouterr().err
+    assert ck.latest_checkpoint(tmp_path / "nothing") is None
