@@ -3,7 +3,8 @@
 One spawn trains tp2, dp2 x zero3 and pp2 for two steps and saves each
 (every rank writes its own shards), then resumes checkpoints into other
 layouts (zero3 -> tp2, tp2 -> dp2 x zero1, one process -> pp2, pp2 -> tp2)
-and takes one more step.  The parent resumes the tp2 / zero3 / pp2
+and takes one more step; then a save in which one rank's disk is full
+fails cleanly on both ranks.  The parent resumes the tp2 / zero3 / pp2
 checkpoints in one process.  Every resumed step-3 loss equals the
 uninterrupted single-process run's (rel 1e-4; observed <= 1.7e-7: fp32
 reductions in another order).  A second spawn kills a rank in the middle of
@@ -42,7 +43,30 @@ def worker(rank, world, tmp):
         t = make_trainer(tiny_config(**kw), tmp / src, world, rank, seed=99)  # other initial weights
         assert t.resume() and t.step == 2
         out["resumed"][f"{src}->{'_'.join(f'{k}{v}' for k, v in kw.items())}"] = t.train_step()["loss"]
+    out["disk_full"] = disk_full_on_one_rank(rank, world, tmp / "tp2")
     return out
+
+
+def disk_full_on_one_rank(rank, world, run_dir):
+    """Rank 1's writes fail with ENOSPC: every rank raises the same one-line UserError."""
+    import errno
+    import torch.distributed.checkpoint.filesystem as fs
+    from mtnlg.errors import UserError
+    t = make_trainer(tiny_config(tp=2), run_dir, world, rank)
+    assert t.resume()
+    t.train_step()
+    real = fs._write_item
+    if rank == 1:
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fs._write_item = full
+    try:
+        t.save()
+    except UserError as e:
+        return str(e)
+    finally:
+        fs._write_item = real
+    return "saved"
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +103,15 @@ def test_each_rank_writes_its_own_shards(runs):
             for n, w in res["weights"][name].items():
                 if not (name == "pp2" and n == "lm_head.weight"):
                     assert torch.equal(state[n], torch.from_numpy(w)), (name, n)
+
+
+def test_disk_full_on_one_rank_fails_every_rank_cleanly(runs):
+    tmp, _, _, results = runs
+    for res in results:
+        assert "no space left on device" in res["disk_full"] and "\n" not in res["disk_full"], res["disk_full"]
+        assert "removed the partial step_00000003.tmp, step_00000002 is intact" in res["disk_full"]
+    root = tmp / "tp2" / "checkpoints"
+    assert not list(root.glob("*.tmp")) and ck.latest_checkpoint(root) == root / "step_00000002"
 
 
 def test_resume_under_another_layout_continues_the_curve(runs):
