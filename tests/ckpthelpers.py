@@ -26,21 +26,13 @@ def dataset(cfg, n=96):
 
 
 def make_trainer(cfg, run_dir, world=1, rank=0, seed=7):
-    """A Trainer on ``world`` ranks (this process is ``rank``); world=1 ignores cfg.parallel."""
-    from mtnlg.model.gpt import build_model
-    from mtnlg.train.precision import param_dtype
+    """A Trainer on ``world`` ranks (this process is ``rank``); world=1 ignores cfg.parallel.
+    The model comes from the trainer's own builder (meta device, layout-independent init)."""
+    from mtnlg.parallel.setup import build, check_layout
     from mtnlg.train.trainer import Trainer
     device = torch.device("cpu")
-    model = build_model(cfg.model, device, seed=seed, vocab_size=cfg.model.padded_vocab(cfg.parallel.tp))
-    topo = None
-    if world > 1:
-        from mtnlg.parallel.setup import check_layout, parallelize
-        dims = check_layout(cfg, world)
-        if not (cfg.parallel.zero and dims.dp > 1):
-            model.to(param_dtype(cfg.train.precision))
-        topo = parallelize(cfg, model, device, rank, dims)
-    else:
-        model.to(param_dtype(cfg.train.precision))
+    dims = check_layout(cfg, world) if world > 1 else None
+    model, topo = build(cfg, dims, device, rank, seed=seed)
     data = dataset(cfg)
     return Trainer(cfg, model, data, data, run_dir, device, topo)
 

@@ -29,7 +29,7 @@ from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.precision import MasterWeights, autocast, param_dtype
 from mtnlg.train.schedule import global_batch_at, lr_at
-from mtnlg.train.topology import Topology
+from mtnlg.parallel.topology import Topology
 
 
 def config_digest(cfg: Config) -> str:
@@ -190,8 +190,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
         cfg, topo = self.cfg, self.topo
-        gb = global_batch_at(self.consumed_samples, cfg.train)
         mb = cfg.train.micro_batch
+        gb = global_batch_at(self.consumed_samples, cfg.train, unit=mb * topo.dp_size)
         if gb % (mb * topo.dp_size):
             raise UserError(f"global batch {gb} is not a multiple of micro_batch {mb} x dp {topo.dp_size}")
         n_micro = gb // (mb * topo.dp_size)
@@ -200,9 +200,14 @@ class Trainer:
             group["lr"] = lr
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
         total = torch.zeros((), device=self.device)
+        record: dict = {}
+        pipeline_info: dict = {}
         if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
             x, y = self._batch(self.train_data, first, n_micro * mb)
-            losses = self._pipeline(n_micro, n_micro * mb).step(x, y)
+            pipe = self._pipeline(n_micro, n_micro * mb)
+            losses = pipe.step(x, y)
+            # idle fraction of the step, measured (mean over the pp ranks) and predicted for this schedule
+            pipeline_info = dict(bubble=pipe.bubble, bubble_analytic=pipe.bubble_analytic, pp_schedule=pipe.name)
             if self.master:
                 self.master.accumulate_grads()
             if losses is not None:
@@ -230,7 +235,6 @@ class Trainer:
         if not self.scaler and not torch.isfinite(grad_norm):  # fp16: the scaler skips such steps
             raise UserError(f"gradient norm became {float(grad_norm)} at step {self.step + 1} (nothing was "
                             f"applied or saved); lower optim.lr or use train.precision=bf16-autocast")
-        record = {}
         if self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -246,14 +250,15 @@ class Trainer:
         self.consumed_samples += gb
         loss = topo.mean_over_dp(total)
         record.update(step=self.step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
-                      consumed_samples=self.consumed_samples, global_batch=gb)
+                      consumed_samples=self.consumed_samples, global_batch=gb, **pipeline_info)
         return record
 
-    def _pipeline(self, n_micro: int, rows: int, schedule: str = "1f1b"):
-        """This rank's pipeline schedule for batches of ``rows`` in ``n_micro`` micro-batches."""
+    def _pipeline(self, n_micro: int, rows: int, mode: str = "train"):
+        """This rank's pipeline schedule (``parallel.pp_schedule``; forward-only
+        for ``mode="eval"``) for batches of ``rows`` in ``n_micro`` micro-batches."""
         def loss_fn(logits, targets):
             return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten())
-        return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), schedule)
+        return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), mode)
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
@@ -271,7 +276,7 @@ class Trainer:
         if topo.pp_size > 1 and hi > lo:  # forward-only GPipe over the share, micro-batches of mb rows (or 1)
             rows = mb if (hi - lo) % mb == 0 else 1
             x, y = self._batch(self.valid_data, lo, hi - lo)
-            losses = self._pipeline((hi - lo) // rows, hi - lo, "gpipe").eval(x, y)
+            losses = self._pipeline((hi - lo) // rows, hi - lo, "eval").eval(x, y)
             if losses is not None:
                 total = losses.sum().to(self.device) * rows
             total = topo.broadcast_from_last_stage(total)
