@@ -7,8 +7,8 @@ and takes one more step (zbv, 4 layers: rank 0 holds both the embedding and the
 last stage's tied copy); then a save in which one rank's disk is full
 fails cleanly on both ranks.  The parent resumes the tp2 / zero3 / pp2 / zbv
 checkpoints in one process.  Every resumed step-3 loss equals the
-uninterrupted single-process run's (rel 1e-4; observed <= 1.7e-7: fp32
-reductions in another order).  A second spawn kills a rank in the middle of
+uninterrupted single-process run's (rel 1e-4; observed 0 with the layout-independent
+meta-device init, `pytest -s` prints it; up to ~1e-7 would be fp32 reductions in another order).  A second spawn kills a rank in the middle of
 an asynchronous save: the previous checkpoint stays `latest`, intact and
 resumable.
 """
@@ -126,14 +126,19 @@ def test_disk_full_on_one_rank_fails_every_rank_cleanly(runs):
 
 def test_resume_under_another_layout_continues_the_curve(runs):
     tmp, ref, _, results = runs
+    worst = 0.0
     for res in results:
         assert len(res["resumed"]) == len(CROSS)
         for (src, layout), loss in res["resumed"].items():
             assert loss == pytest.approx(ref[layers(src)][2], rel=REL), (src, layout, loss)
+            worst = max(worst, abs(loss / ref[layers(src)][2] - 1))
     for src in SAVE_LAYOUTS:  # ... and in one process
         t = make_trainer(tiny_config(layers=layers(src)), tmp / src, seed=99)
         assert t.resume() and t.step == 2
-        assert t.train_step()["loss"] == pytest.approx(ref[layers(src)][2], rel=REL), src
+        loss = t.train_step()["loss"]
+        assert loss == pytest.approx(ref[layers(src)][2], rel=REL), src
+        worst = max(worst, abs(loss / ref[layers(src)][2] - 1))
+    print(f"resumed step-3 losses: max relative difference from the uninterrupted run {worst:.1e}")  # pytest -s
 
 
 def killed_during_async_save(rank, world, tmp):
