@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values are TOML literals)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after N steps in this invocation; run again to continue")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="profile N training steps (after one warm-up step) with torch.profiler, print where the "
+                        "time goes by class and write DIR/profile/trace-rankR.json; saves no checkpoint or metrics")
 
 
 def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> tuple[Config, bool]:
@@ -145,11 +148,31 @@ def run(args: argparse.Namespace) -> int:
               f"world {topo.world_size} (dp {topo.dp_size}{f', zero {topo.zero}' if topo.zero else ''}) | "
               f"{cfg.train.precision} | "
               f"train samples {len(train_ds)} | MFU peak {peak:.3f} TFLOP/s ({peak_source})", flush=True)
+    if args.profile is not None:
+        return profile_run(trainer, run_dir, args.profile)
     if trainer.step >= cfg.train.steps:
         if topo.is_main:
             print(f"mtnlg train: run already finished ({trainer.step}/{cfg.train.steps} steps)")
         return 0
     return fit_and_report(trainer, cfg, run_dir, args.stop_after)
+
+
+def profile_run(trainer, run_dir: Path, steps: int) -> int:
+    """``--profile N``: time N steps by class of operation (mtnlg/perf/breakdown.py) on every
+    rank; rank 0 prints its table.  The steps change only the in-memory model."""
+    from mtnlg.perf.breakdown import format_table, profile_steps
+    if steps < 1:
+        raise UserError(f"--profile needs at least 1 step, got {steps}")
+    out = run_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / f"trace-rank{trainer.topo.rank}.json"
+    result = profile_steps(trainer, steps, warmup=1, trace=trace)
+    if trainer.topo.is_main:
+        print(f"mtnlg train --profile: {steps} steps after 1 warm-up, rank 0 of {trainer.topo.world_size} "
+              f"(self time by class; idle = wall time with no op running: Python, waiting for other ranks)")
+        print(format_table(result))
+        print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
 
 
 def fit_and_report(trainer, cfg: Config, run_dir: Path, stop_after: int | None) -> int:
