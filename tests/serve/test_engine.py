@@ -141,3 +141,19 @@ def test_batched_greedy_equals_generate_on_cuda():
     for i, p in enumerate(prompts):
         want = generate(model, torch.tensor([p], device="cuda"), 20, greedy=True)[0, len(p):].tolist()
         assert got[str(i)][0] == want, i
+
+
+def test_a_bad_request_fails_alone(tiny):
+    """A request the engine cannot run (a seed beyond 64 bits slipped past
+    validation) ends with "error"; the engine keeps serving the others."""
+    cfg, model = tiny
+    engine = make_engine(model, cfg, max_batch=2, max_batch_tokens=8)
+    try:
+        col = Collector()
+        engine.submit(col.request("bad", [1, 2], max_tokens=3, temperature=1.0, seed=2 ** 70))
+        engine.submit(col.request("good", [1, 2], max_tokens=3, temperature=0.0))
+        got = col.wait()
+        assert engine.alive
+    finally:
+        engine.stop()
+    assert got["bad"][1] == "error" and got["good"][1] == "length" and len(got["good"][0]) == 3
