@@ -28,8 +28,8 @@ def load_hf(path: str | Path, device: torch.device, dtype: torch.dtype):
     except ImportError:
         load_hf_gpt2 = None
     if load_hf_gpt2 is not None:
-        cfg, model, tok = load_hf_gpt2(path, device, dtype)
-        return model, tok, cfg.seq_len
+        _, model, tok = load_hf_gpt2(path, device, dtype)
+        return model, tok, model.cfg.seq_len  # the GPT keeps its ModelConfig
     model = _load_gpt2(path)
     model.to(device=device, dtype=dtype).eval()
     return model, load_tokenizer(str(path)), model.cfg.seq_len
