@@ -157,3 +157,21 @@ def test_a_bad_request_fails_alone(tiny):
     finally:
         engine.stop()
     assert got["bad"][1] == "error" and got["good"][1] == "length" and len(got["good"][0]) == 3
+
+
+def test_text_stream_holds_back_partial_stops_and_characters():
+    """Streamed text never shows half a character or the start of a stop
+    string that later completes; the earliest stop string wins."""
+    from mtnlg.serve.text import TextStream
+    pieces = ["Hel", "lo wo", "rld", "\ufffd", "é END and", " more"]  # "\ufffd": half a character, completed next
+
+    def decode(ids):  # ids index into pieces; a lone half character decodes as U+FFFD
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffdé", "é")
+    ts = TextStream(decode, ["END", "wor"])
+    out = [ts.add([0]), ts.add([1]), ts.add([2])]
+    assert "".join(out) == "Hello " and ts.stopped  # "wo" was held back, then "wor" stopped it
+    ts2 = TextStream(decode, ["END"])
+    out2 = [ts2.add([i]) for i in range(5)]
+    assert out2[3] == "" and "".join(out2) == "Hello worldé " and ts2.stopped
+    assert ts2.kept_tokens() == 5
