@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _make_run(run: Path) -> None:
     """A run directory as `mtnlg train` leaves it: config.toml, tokenizer.json, checkpoints/."""
-    from mtnlg.train.dcp import Checkpointer, flat_state
+    from mtnlg.convert.hf import save_initial_checkpoint
     tok = tiny_tokenizer()
     cfg, model = tiny_model(vocab_size=tok.vocab_size)
     full = Config()
@@ -30,8 +30,7 @@ def _make_run(run: Path) -> None:
     run.mkdir()
     (run / "config.toml").write_text(dump_toml(full))
     tok.save(str(run / "tokenizer.json"))
-    state = flat_state(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
-    Checkpointer(run / "checkpoints").save(1, state, {"step": 1})
+    save_initial_checkpoint(run, full, model.state_dict())
 
 
 def test_serve_command_on_a_run_directory(tmp_path):
