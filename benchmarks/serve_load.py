@@ -12,7 +12,10 @@ with it for Python's GIL) and is started twice: with continuous batching
 Megatron's server does).  Each request streams ``--max-tokens`` tokens
 (``ignore_eos`` keeps lengths equal); tokens/s counts generated tokens over
 the wall time of a level; TTFT is the time to the first streamed chunk.
-Bounded: at most ``--max-requests`` requests and ``--max-seconds`` per level.
+Bounded: at most ``--max-requests`` requests and ``--max-seconds`` per run of
+a level.  Each level runs ``--repeat`` times and reports the median run; the
+speed-up is the median ratio of a batched run to the one-at-a-time run made
+right after it.
 """
 from __future__ import annotations
 
@@ -141,7 +144,8 @@ def main() -> int:
     p.add_argument("--baseline-concurrency", type=int, default=16, help="concurrency of the one-at-a-time comparison")
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads")
-    p.add_argument("--repeat", type=int, default=2, help="runs per level; the fastest is reported (shared machines)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per level; the median is reported (shared machines are noisy)")
     p.add_argument("--quick", action="store_true", help="a few requests per level, one run each (smoke test)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
@@ -154,7 +158,7 @@ def main() -> int:
           f"{args.max_tokens} tokens per request", flush=True)
     out = {"levels": [], "baseline": None, "fuzz": None}
     bc = args.baseline_concurrency
-    best = lambda runs: max(runs, key=lambda r: r["tokens_per_s"])  # noqa: E731 - least disturbed by other jobs
+    median = lambda runs: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]  # noqa: E731
     batched_proc, url = _start(args, 64)
     single_proc, single_url = _start(args, 1)  # idle until its turn: both see the same machine conditions
     try:
@@ -164,16 +168,20 @@ def main() -> int:
                 runs.append(asyncio.run(_level(url, c, n_for(c), args.max_tokens, args.max_seconds)))
                 if c == bc:
                     base_runs.append(asyncio.run(_level(single_url, bc, n_for(bc), args.max_tokens, args.max_seconds)))
-            r = best(runs)
+            r = median(runs)
+            r["all_tokens_per_s"] = [x["tokens_per_s"] for x in runs]
             out["levels"].append(r)
             print(f"  batched   c={c:3d}: {r['requests']:4d} requests {r['tokens_per_s']:8.1f} tok/s  "
                   f"p50 {r['p50_s']:.3f}s p99 {r['p99_s']:.3f}s ttft p50 {r['ttft_p50_s']:.3f}s "
-                  f"(best of {[round(x['tokens_per_s']) for x in runs]})", flush=True)
+                  f"(median of {[round(x['tokens_per_s']) for x in runs]})", flush=True)
             if base_runs:
-                base = out["baseline"] = best(base_runs)
+                base = out["baseline"] = median(base_runs)
+                base["all_tokens_per_s"] = [x["tokens_per_s"] for x in base_runs]
+                # each batched run is paired with the one-at-a-time run right after it (same machine load)
+                out["paired_speedups"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs, base_runs)]
                 print(f"  one-at-a-time c={bc}: {base['requests']} requests {base['tokens_per_s']:.1f} tok/s  "
                       f"p50 {base['p50_s']:.3f}s p99 {base['p99_s']:.3f}s "
-                      f"(best of {[round(x['tokens_per_s']) for x in base_runs]})", flush=True)
+                      f"(median of {[round(x['tokens_per_s']) for x in base_runs]})", flush=True)
         from mtnlg.serve.fuzz import run_fuzz
         fuzz = run_fuzz(url)
         out["fuzz"] = {"cases": len(fuzz), "4xx": sum(f["ok"] for f in fuzz),
@@ -193,8 +201,10 @@ def main() -> int:
               f"{r['p99_s']:.2f} | {r['ttft_p50_s']:.2f} |")
     print(f"| {bc}, one at a time (--max-batch 1) | {base['requests']} | {base['tokens_per_s']:.0f} | "
           f"{base['p50_s']:.2f} | {base['p99_s']:.2f} | {base['ttft_p50_s']:.2f} |")
-    out["speedup"] = batched["tokens_per_s"] / base["tokens_per_s"]
-    print(f"\ncontinuous batching speed-up at concurrency {bc}: {out['speedup']:.1f}x tokens/s")
+    pairs = sorted(out["paired_speedups"])
+    out["speedup"] = pairs[len(pairs) // 2]
+    print(f"\ncontinuous batching speed-up at concurrency {bc}: {out['speedup']:.1f}x tokens/s "
+          f"(median of the paired runs: {', '.join(f'{x:.1f}x' for x in out['paired_speedups'])})")
     f = out["fuzz"]
     print(f"fuzz: {f['4xx']}/{f['cases']} malformed requests answered 4xx; "
           f"server healthy after each: {f['healthy_after_each']}")

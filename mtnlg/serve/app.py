@@ -14,9 +14,12 @@ asyncio queue per HTTP call (:class:`Submission`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
+import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -86,6 +89,44 @@ class ServerState:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.tokenizer.vocab_size})", param="prompt")
 
 
+class Mailbox:
+    """Engine thread -> event loop delivery with one loop wake-up per burst:
+    a step that produces tokens for 64 requests costs one
+    ``call_soon_threadsafe`` (a pipe write), not 64."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def put(self, submission: "Submission", i: int, out) -> None:  # engine thread
+        self.items.append((submission, i, out))
+        with self.lock:
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # event loop
+        with self.lock:
+            self.scheduled = False
+        while self.items:
+            submission, i, out = self.items.popleft()
+            submission.queue.put_nowait((i, out))
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Mailbox":
+        """The mailbox of ``loop`` (one per event loop)."""
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = cls(loop)
+        return box
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
 class Submission:
     """The engine requests of one HTTP call.  ``events`` yields (index,
     Output) as the engine thread produces them and aborts everything left if
@@ -94,14 +135,14 @@ class Submission:
     def __init__(self, state: ServerState, prompts: list[list[int]], params: list):
         self.engine = state.ready()
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        box = Mailbox.of(asyncio.get_running_loop())
         base = uuid.uuid4().hex
         self.ids: list[str] = []
         self.open: set[int] = set()
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params)):
                 rid = f"{base}-{i}"
-                self.engine.submit(Request(rid, prompt, sp, partial(self._sink, loop, i)))
+                self.engine.submit(Request(rid, prompt, sp, partial(box.put, self, i)))
                 self.ids.append(rid)
                 self.open.add(i)
         except QueueFull as err:
@@ -112,27 +153,28 @@ class Submission:
             self.abort()
             raise ApiError(400, str(err), param="max_tokens") from None
 
-    def _sink(self, loop, i, out) -> None:
-        loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+    async def _watch(self, request: HTTPRequest) -> None:
+        """Every 0.25 s: has the client gone?  Then wake ``events`` with None."""
+        while self.open:
+            await asyncio.sleep(0.25)
+            if await request.is_disconnected():
+                self.queue.put_nowait(None)
+                return
 
     async def events(self, request: HTTPRequest | None):
-        last_check = time.monotonic()
+        watcher = asyncio.create_task(self._watch(request)) if request is not None else None
         try:
             while self.open:
-                try:
-                    i, out = await asyncio.wait_for(self.queue.get(), 0.25)
-                except asyncio.TimeoutError:
-                    i = out = None
-                if request is not None and time.monotonic() - last_check >= 0.25:
-                    last_check = time.monotonic()
-                    if await request.is_disconnected():
-                        raise ClientGone()
-                if out is None:
-                    continue
+                item = await self.queue.get()
+                if item is None:
+                    raise ClientGone()
+                i, out = item
                 if out.finish_reason:
                     self.open.discard(i)
                 yield i, out
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.abort()
 
     def abort(self) -> None:

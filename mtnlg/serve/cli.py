@@ -29,16 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "parser would take --run for its --run-path)")
     src.add_argument("--hf", help="a Hugging Face GPT-2 directory (config.json + weights + tokenizer)")
     p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory of --run (default: the latest)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=5000, help="TCP port")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=5000, help="TCP port (default: 5000)")
     p.add_argument("--model-name", help="model id for /v1/models and the `model` field (default: directory name)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together = KV-cache slots (default: 32)")
     p.add_argument("--max-batch-tokens", type=int, default=512,
-                   help="tokens per forward step: one per decoding sequence, the rest for prompt chunks")
+                   help="tokens per forward step: one per decoding sequence, the rest for prompt chunks (default: 512)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting for a slot; beyond it new requests get 503 at once")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended (504)")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 beyond)")
+                   help="requests waiting for a slot; beyond it new requests get 503 at once (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is ended with 504 (default: 600)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted, 413 beyond (default: 16)")
     p.add_argument("--api-key", default=os.environ.get("MTNLG_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                         "(default: $MTNLG_API_KEY; none: open)")

@@ -236,7 +236,13 @@ class Engine:
             gen = None
             if req.params.temperature > 0 and req.params.top_k != 1:
                 seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-                gen = torch.Generator(device=self.runner.device).manual_seed(seed)
+                try:
+                    gen = torch.Generator(device=self.runner.device).manual_seed(seed)
+                except (ValueError, RuntimeError):  # one bad request must not stop the engine
+                    with self._lock:
+                        self._queued += 1  # _finish_waiting counts it out again
+                    self._finish_waiting(req, "error")
+                    continue
             self.running.append(_Seq(req, self._free.pop(), gen))
         if self.metrics:
             self.metrics.set_queue(len(self.running), len(self.waiting) + self._inbox.qsize())
@@ -285,7 +291,11 @@ class Engine:
                     self._finish(seq, "length")
                     continue
             row = mine[n - 1]
-            tok = self._sample(row, p, seq.generator)
+            try:
+                tok = self._sample(row, p, seq.generator)
+            except RuntimeError:  # e.g. non-finite logits: this sequence fails, the others go on
+                self._finish(seq, "error")
+                continue
             n_tokens += 1
             stop = tok in p.stop_ids
             if not stop or p.include_stop_token:

@@ -44,7 +44,7 @@ def _check_model(state: ServerState, name: str | None) -> None:
 def _params(state: ServerState, body, max_tokens: int, j: int, logprobs, prompt_logprobs) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-        seed=None if body.seed is None else body.seed + j,
+        seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
         stop_ids=() if body.ignore_eos else (state.tokenizer.eod_id,),
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 

@@ -27,7 +27,7 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=-1, description="vLLM extension: 0 or -1 = off")
     n: int = Field(1, ge=1, le=16)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep going past the end-of-text token")
@@ -186,8 +186,8 @@ def parse_megatron(body) -> MegatronRequest:
     r.random_seed = get("random_seed", -1)
     if not _is_int(r.random_seed):
         raise ValueError("random_seed must be integer")
-    if r.random_seed < -1:
-        raise ValueError("random_seed must be a positive integer")
+    if not -1 <= r.random_seed < 2 ** 64:
+        raise ValueError("random_seed must be a positive integer (below 2**64)")
     r.beam_width = get("beam_width")
     if r.beam_width is not None:
         if not _is_int(r.beam_width) or r.beam_width < 1:

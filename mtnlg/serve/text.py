@@ -27,10 +27,9 @@ class TextStream:
             return ""
         self.ids += ids
         text = self.decode(self.ids)
-        for s in self.stops:
-            i = text.find(s, max(0, len(self.sent) - len(s)))
-            if i >= 0:
-                text, self.stopped = text[:i], True
+        hits = [i for s in self.stops if (i := text.find(s, max(0, len(self.sent) - len(s)))) >= 0]
+        if hits:  # the earliest stop string wins
+            text, self.stopped = text[:min(hits)], True
         safe = len(text)
         if not self.stopped:
             while safe and text[safe - 1] == "\ufffd":

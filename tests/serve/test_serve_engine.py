@@ -141,3 +141,37 @@ def test_batched_greedy_equals_generate_on_cuda():
     for i, p in enumerate(prompts):
         want = generate(model, torch.tensor([p], device="cuda"), 20, greedy=True)[0, len(p):].tolist()
         assert got[str(i)][0] == want, i
+
+
+def test_a_bad_request_fails_alone(tiny):
+    """A request the engine cannot run (a seed beyond 64 bits slipped past
+    validation) ends with "error"; the engine keeps serving the others."""
+    cfg, model = tiny
+    engine = make_engine(model, cfg, max_batch=2, max_batch_tokens=8)
+    try:
+        col = Collector()
+        engine.submit(col.request("bad", [1, 2], max_tokens=3, temperature=1.0, seed=2 ** 70))
+        engine.submit(col.request("good", [1, 2], max_tokens=3, temperature=0.0))
+        got = col.wait()
+        assert engine.alive
+    finally:
+        engine.stop()
+    assert got["bad"][1] == "error" and got["good"][1] == "length" and len(got["good"][0]) == 3
+
+
+def test_text_stream_holds_back_partial_stops_and_characters():
+    """Streamed text never shows half a character or the start of a stop
+    string that later completes; the earliest stop string wins."""
+    from mtnlg.serve.text import TextStream
+    pieces = ["Hel", "lo wo", "rld", "\ufffd", "é END and", " more"]  # "\ufffd": half a character, completed next
+
+    def decode(ids):  # ids index into pieces; a lone half character decodes as U+FFFD
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffdé", "é")
+    ts = TextStream(decode, ["END", "wor"])
+    out = [ts.add([0]), ts.add([1]), ts.add([2])]
+    assert "".join(out) == "Hello " and ts.stopped  # "wo" was held back, then "wor" stopped it
+    ts2 = TextStream(decode, ["END"])
+    out2 = [ts2.add([i]) for i in range(5)]
+    assert out2[3] == "" and "".join(out2) == "Hello worldé " and ts2.stopped
+    assert ts2.kept_tokens() == 5

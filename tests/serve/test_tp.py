@@ -50,4 +50,4 @@ def test_tp2_serving_equals_single_process():
     got, want, beam, want_beam = run_distributed(_worker, 2, (prompts, max_new))[0]
     assert got == want
     assert [s for s, _ in beam] == [s for s, _ in want_beam]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(beam, want_beam)) < 1e-5  # observed ~1e-7
+    assert max(abs(a - b) for (_, a), (_, b) in zip(beam, want_beam)) < 1e-5  # fp32: all-gathered logits, not bitwise
