@@ -280,3 +280,13 @@ def test_a_task_that_raises_in_the_bucket_stage_is_redone_by_the_rerun(corpus, t
     assert len(os.listdir(out + ".work/logs/prepare/completions")) == 3
     monkeypatch.delenv("MTNLG_ENGINE_FAULT")
     assert_same(run_engine(corpus, tokenizer_path, out, *argv, workers=2), inline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "exact"])
+def test_engine_equals_the_in_process_pipeline_without_fuzzy_dedup(mode, corpus, tokenizer_path, tmp_path):
+    reference = str(tmp_path / "inline")
+    run(preprocess_args("--input", corpus, "--output", reference, "--tokenizer", tokenizer_path, "--dedup", mode))
+    result = run_engine(corpus, tokenizer_path, str(tmp_path / "engine"), "--engine", "local", "--tasks", "3",
+                        "--dedup", mode, workers=2)
+    assert_same(result, outputs(reference))
