@@ -151,6 +151,37 @@ def test_distributed_dedup_flags_exactly_what_the_local_deduplicator_flags(tmp_p
     assert len(flagged & planted) / len(planted) >= 0.95 and flagged <= planted  # recall, precision 1.0
 
 
+def test_streaming_concat_equals_the_indexed_writer(tmp_path):
+    from mtnlg.data.engine.concat import concat_parts
+    from mtnlg.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    parts, expected = [], []
+    for p, n in enumerate([5, 0, 7, 3]):  # an empty part too
+        docs = [rng.integers(0, 1000, rng.integers(1, 9)) for _ in range(n)]
+        with IndexedDatasetWriter(str(tmp_path / f"part{p}"), 1000, 0) as w:
+            for d in docs:
+                w.add_document(d)
+            w.finalize()
+        keep = rng.random(n) < 0.6 if p != 3 else np.zeros(n, dtype=bool)  # and one with nothing kept
+        parts.append((IndexedDataset(str(tmp_path / f"part{p}")), keep))
+        expected += [d for d, k in zip(docs, keep) if k]
+    with IndexedDatasetWriter(str(tmp_path / "reference"), 1000, 0) as w:
+        for d in expected:
+            w.add_document(d)
+        w.finalize()
+    assert concat_parts(parts, str(tmp_path / "concat"), 1000, 0, b"\0" * 8) == (len(expected),
+                                                                                sum(map(len, expected)))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"concat{suffix}").read_bytes() == (tmp_path / f"reference{suffix}").read_bytes()
+
+
+def test_strict_stops_at_the_first_malformed_record(corpus, tokenizer_path, tmp_path):
+    with pytest.raises(UserError, match="invalid_json.*--strict"):
+        run(preprocess_args("--input", corpus, "--output", str(tmp_path / "s"), "--tokenizer", tokenizer_path,
+                            "--engine", "local", "--strict"))
+
+
 def test_union_find_roots_match_a_reference():
     rng = np.random.default_rng(0)
     n = 300
