@@ -102,6 +102,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--engine builds the whole dataset with distributed dedup; it does not take --merge")
     if args.shard:
         raise UserError("--engine splits the input into tasks itself; drop --shard (or use --tasks)")
+    if getattr(args, "decontaminate", None):
+        raise UserError("--decontaminate is not yet a stage of --engine; run it without --engine")
     if args.engine == "slurm" and not args.slurm_partition:
         raise UserError("--engine slurm needs --slurm-partition NAME")
     for name in ("tasks", "dedup_tasks"):
