@@ -314,10 +314,20 @@ def test_a_task_that_raises_in_the_bucket_stage_is_redone_by_the_rerun(corpus, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["none", "exact"])
-def test_engine_equals_the_in_process_pipeline_without_fuzzy_dedup(mode, corpus, tokenizer_path, tmp_path):
+@pytest.mark.parametrize("extra", [("--dedup", "none"), ("--dedup", "exact"), ("--max-document-mb", "0.0009")])
+def test_engine_equals_the_in_process_pipeline_with_other_options(extra, corpus, tokenizer_path, tmp_path):
     reference = str(tmp_path / "inline")
-    run(preprocess_args("--input", corpus, "--output", reference, "--tokenizer", tokenizer_path, "--dedup", mode))
+    run(preprocess_args("--input", corpus, "--output", reference, "--tokenizer", tokenizer_path, *extra))
     result = run_engine(corpus, tokenizer_path, str(tmp_path / "engine"), "--engine", "local", "--tasks", "3",
-                        "--dedup", mode, workers=2)
+                        *extra, workers=2)
     assert_same(result, outputs(reference))
+    if extra[0] == "--max-document-mb":
+        assert result[2]["malformed_by_kind"]["too_long"] > 0
+
+
+def test_no_surviving_document_is_an_error_and_writes_no_dataset(corpus, tokenizer_path, tmp_path):
+    out = str(tmp_path / "empty")
+    with pytest.raises(UserError, match="no document survived"):
+        run(preprocess_args("--input", corpus, "--output", out, "--tokenizer", tokenizer_path, "--engine", "local",
+                            "--filter", "min_words=100000"))
+    assert not os.path.exists(out + ".bin") and json.load(open(out + ".report.json"))["documents_out"] == 0

@@ -57,6 +57,7 @@ class EngineSettings:
     text_key: str = "text"
     strict: bool = False
     max_problems_shown: int = 20
+    max_document_bytes: int | None = None  # --max-document-mb (None: no limit)
     dedup_tasks: int = 1
     fault: str | None = field(default=None)  # test hook, see steps.maybe_fail
 
@@ -76,7 +77,8 @@ class EngineSettings:
         return {"files": self.files, "partition": self.partition, "output": os.path.abspath(self.output),
                 "tokenizer": self.tokenizer_json, "filters": vars(self.filters), "dedup": self.dedup,
                 "minhash": [self.minhash.threshold, self.minhash.bands, self.minhash.rows, self.minhash.seed],
-                "normalize": self.normalize, "text_key": self.text_key, "dedup_tasks": self.dedup_tasks}
+                "normalize": self.normalize, "text_key": self.text_key, "dedup_tasks": self.dedup_tasks,
+                "max_document_bytes": self.max_document_bytes}
 
 
 def partition_files(files: list[str], tasks: int) -> list[list[int]]:
