@@ -214,6 +214,7 @@ def test_partition_is_contiguous_and_balanced(tmp_path):
     (["--engine", "slurm"], "--slurm-partition"),
     (["--engine", "local", "--shard", "0/2"], "--shard"),
     (["--engine", "local", "--tasks", "0"], "--tasks"),
+    (["--engine", "local", "--decontaminate", "lambada"], "--decontaminate"),
 ])
 def test_bad_engine_arguments_are_user_errors(extra, message, corpus, tokenizer_path, tmp_path):
     with pytest.raises(UserError, match=message):
