@@ -81,6 +81,10 @@ def test_local_engine_equals_the_in_process_pipeline_at_any_task_and_worker_coun
     run_engine(corpus, tokenizer_path, str(tmp_path / "two"), "--engine", "local", "--tasks", "3",
                "--dedup-tasks", "2", workers=2)
     assert os.stat(str(tmp_path / "two.bin")).st_mtime_ns == before
+    for suffix in (".bin", ".idx", ".report.json"):  # output deleted: the rerun writes it again from the parts
+        os.remove(str(tmp_path / "two") + suffix)
+    assert_same(run_engine(corpus, tokenizer_path, str(tmp_path / "two"), "--engine", "local", "--tasks", "3",
+                           "--dedup-tasks", "2", workers=2), inline)
 
 
 def test_ray_engine_equals_the_local_one(corpus, tokenizer_path, inline, tmp_path):

@@ -140,6 +140,9 @@ def run_engine(args: argparse.Namespace, files: list[str], filters: FilterConfig
     """Run (local, Ray) or submit (SLURM) the whole job; returns the report when it ran here."""
     s = make_settings(args, files, filters, tokenizer, minhash)
     check_work_dir(s)
+    marker = os.path.join(s.work_dir, "logs", "write", "completions", "00000")
+    if os.path.exists(marker) and not os.path.exists(s.output + ".report.json"):
+        os.remove(marker)  # the output was deleted or moved since: write it again from the kept parts
     if args.engine == "ray":
         _ray_init(args)
     executors = make_executors(args, s)
