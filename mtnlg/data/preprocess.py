@@ -218,8 +218,11 @@ def run(args: argparse.Namespace) -> int:
         from mtnlg.data.engine import run_engine
 
         report = run_engine(args, files, config, tokenizer, _minhash(args))
-        if report is not None and not args.quiet:
-            print_summary(report)
+        if report is not None:
+            if not args.quiet:
+                print_summary(report)
+            if not report["documents_out"]:
+                raise UserError(no_output_message(report, args.output))
         return 0
     stats = Stats()
     problems = ProblemLog(stats, args.strict, args.max_problems_shown, args.quiet)

@@ -81,6 +81,10 @@ def test_local_engine_equals_the_in_process_pipeline_at_any_task_and_worker_coun
     run_engine(corpus, tokenizer_path, str(tmp_path / "two"), "--engine", "local", "--tasks", "3",
                "--dedup-tasks", "2", workers=2)
     assert os.stat(str(tmp_path / "two.bin")).st_mtime_ns == before
+    for suffix in (".bin", ".idx", ".report.json"):  # output deleted: the rerun writes it again from the parts
+        os.remove(str(tmp_path / "two") + suffix)
+    assert_same(run_engine(corpus, tokenizer_path, str(tmp_path / "two"), "--engine", "local", "--tasks", "3",
+                           "--dedup-tasks", "2", workers=2), inline)
 
 
 def test_ray_engine_equals_the_local_one(corpus, tokenizer_path, inline, tmp_path):
@@ -151,6 +155,37 @@ def test_distributed_dedup_flags_exactly_what_the_local_deduplicator_flags(tmp_p
     assert len(flagged & planted) / len(planted) >= 0.95 and flagged <= planted  # recall, precision 1.0
 
 
+def test_streaming_concat_equals_the_indexed_writer(tmp_path):
+    from mtnlg.data.engine.concat import concat_parts
+    from mtnlg.data.indexed import IndexedDataset, IndexedDatasetWriter
+
+    rng = np.random.default_rng(0)
+    parts, expected = [], []
+    for p, n in enumerate([5, 0, 7, 3]):  # an empty part too
+        docs = [rng.integers(0, 1000, rng.integers(1, 9)) for _ in range(n)]
+        with IndexedDatasetWriter(str(tmp_path / f"part{p}"), 1000, 0) as w:
+            for d in docs:
+                w.add_document(d)
+            w.finalize()
+        keep = rng.random(n) < 0.6 if p != 3 else np.zeros(n, dtype=bool)  # and one with nothing kept
+        parts.append((IndexedDataset(str(tmp_path / f"part{p}")), keep))
+        expected += [d for d, k in zip(docs, keep) if k]
+    with IndexedDatasetWriter(str(tmp_path / "reference"), 1000, 0) as w:
+        for d in expected:
+            w.add_document(d)
+        w.finalize()
+    assert concat_parts(parts, str(tmp_path / "concat"), 1000, 0, b"\0" * 8) == (len(expected),
+                                                                                sum(map(len, expected)))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"concat{suffix}").read_bytes() == (tmp_path / f"reference{suffix}").read_bytes()
+
+
+def test_strict_stops_at_the_first_malformed_record(corpus, tokenizer_path, tmp_path):
+    with pytest.raises(UserError, match="invalid_json.*--strict"):
+        run(preprocess_args("--input", corpus, "--output", str(tmp_path / "s"), "--tokenizer", tokenizer_path,
+                            "--engine", "local", "--strict"))
+
+
 def test_union_find_roots_match_a_reference():
     rng = np.random.default_rng(0)
     n = 300
@@ -183,6 +218,7 @@ def test_partition_is_contiguous_and_balanced(tmp_path):
     (["--engine", "slurm"], "--slurm-partition"),
     (["--engine", "local", "--shard", "0/2"], "--shard"),
     (["--engine", "local", "--tasks", "0"], "--tasks"),
+    (["--engine", "local", "--decontaminate", "lambada"], "--decontaminate"),
 ])
 def test_bad_engine_arguments_are_user_errors(extra, message, corpus, tokenizer_path, tmp_path):
     with pytest.raises(UserError, match=message):
@@ -280,3 +316,23 @@ def test_a_task_that_raises_in_the_bucket_stage_is_redone_by_the_rerun(corpus, t
     assert len(os.listdir(out + ".work/logs/prepare/completions")) == 3
     monkeypatch.delenv("MTNLG_ENGINE_FAULT")
     assert_same(run_engine(corpus, tokenizer_path, out, *argv, workers=2), inline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("--dedup", "none"), ("--dedup", "exact"), ("--max-document-mb", "0.0009")])
+def test_engine_equals_the_in_process_pipeline_with_other_options(extra, corpus, tokenizer_path, tmp_path):
+    reference = str(tmp_path / "inline")
+    run(preprocess_args("--input", corpus, "--output", reference, "--tokenizer", tokenizer_path, *extra))
+    result = run_engine(corpus, tokenizer_path, str(tmp_path / "engine"), "--engine", "local", "--tasks", "3",
+                        *extra, workers=2)
+    assert_same(result, outputs(reference))
+    if extra[0] == "--max-document-mb":
+        assert result[2]["malformed_by_kind"]["too_long"] > 0
+
+
+def test_no_surviving_document_is_an_error_and_writes_no_dataset(corpus, tokenizer_path, tmp_path):
+    out = str(tmp_path / "empty")
+    with pytest.raises(UserError, match="no document survived"):
+        run(preprocess_args("--input", corpus, "--output", out, "--tokenizer", tokenizer_path, "--engine", "local",
+                            "--filter", "min_words=100000"))
+    assert not os.path.exists(out + ".bin") and json.load(open(out + ".report.json"))["documents_out"] == 0

@@ -143,8 +143,11 @@ class WriteStep(PipelineStep):
                 gids = np.fromfile(gid_path, dtype=np.int64) if os.path.getsize(gid_path) else np.zeros(0, np.int64)
                 keep = ~np.isin(gids, removed)
             parts.append((ds, keep))
-        documents, tokens = concat_parts(parts, s.output, tokenizer.vocab_size, tokenizer.eod_id,
-                                         tokenizer.fingerprint())
+        documents = sum(int(keep.sum()) for _, keep in parts)
+        tokens = 0
+        if documents:  # as in-process: an empty dataset is not written (an earlier PREFIX.bin/.idx stays)
+            documents, tokens = concat_parts(parts, s.output, tokenizer.vocab_size, tokenizer.eod_id,
+                                             tokenizer.fingerprint())
         seconds = {"write": time.process_time() - t0}
         if s.dedup != "none":
             seconds.update(dedup=cluster["seconds"] + cluster.get("bucket_seconds", 0))

@@ -27,6 +27,8 @@ MAX_DEFAULT_TASKS = 1024
 
 def make_settings(args: argparse.Namespace, files: list[str], filters: FilterConfig, tokenizer: Tokenizer,
                   minhash: MinHashParams) -> EngineSettings:
+    from mtnlg.data.preprocess import max_document_bytes
+
     validate(args)
     tasks = args.tasks or min(len(files), MAX_DEFAULT_TASKS)
     return EngineSettings(
@@ -35,6 +37,7 @@ def make_settings(args: argparse.Namespace, files: list[str], filters: FilterCon
         tokenizer_json=tokenizer.to_json(), filters=filters, dedup=args.dedup, minhash=minhash,
         normalize=not args.no_normalize, text_key=args.text_key, strict=args.strict,
         max_problems_shown=args.max_problems_shown, dedup_tasks=args.dedup_tasks or tasks,
+        max_document_bytes=max_document_bytes(args),
         fault=os.environ.get("MTNLG_ENGINE_FAULT") or None)
 
 
@@ -137,6 +140,9 @@ def run_engine(args: argparse.Namespace, files: list[str], filters: FilterConfig
     """Run (local, Ray) or submit (SLURM) the whole job; returns the report when it ran here."""
     s = make_settings(args, files, filters, tokenizer, minhash)
     check_work_dir(s)
+    marker = os.path.join(s.work_dir, "logs", "write", "completions", "00000")
+    if os.path.exists(marker) and not os.path.exists(s.output + ".report.json"):
+        os.remove(marker)  # the output was deleted or moved since: write it again from the kept parts
     if args.engine == "ray":
         _ray_init(args)
     executors = make_executors(args, s)
@@ -156,3 +162,4 @@ def run_engine(args: argparse.Namespace, files: list[str], filters: FilterConfig
         report["engine"]["stage_wall_seconds"] = walls
         write_atomic(s.output + ".report.json", json.dumps(report, indent=2) + "\n")
     return report
+

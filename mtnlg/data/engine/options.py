@@ -57,6 +57,7 @@ class EngineSettings:
     text_key: str = "text"
     strict: bool = False
     max_problems_shown: int = 20
+    max_document_bytes: int | None = None  # --max-document-mb (None: no limit)
     dedup_tasks: int = 1
     fault: str | None = field(default=None)  # test hook, see steps.maybe_fail
 
@@ -76,7 +77,8 @@ class EngineSettings:
         return {"files": self.files, "partition": self.partition, "output": os.path.abspath(self.output),
                 "tokenizer": self.tokenizer_json, "filters": vars(self.filters), "dedup": self.dedup,
                 "minhash": [self.minhash.threshold, self.minhash.bands, self.minhash.rows, self.minhash.seed],
-                "normalize": self.normalize, "text_key": self.text_key, "dedup_tasks": self.dedup_tasks}
+                "normalize": self.normalize, "text_key": self.text_key, "dedup_tasks": self.dedup_tasks,
+                "max_document_bytes": self.max_document_bytes}
 
 
 def partition_files(files: list[str], tasks: int) -> list[list[int]]:
@@ -102,6 +104,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--engine builds the whole dataset with distributed dedup; it does not take --merge")
     if args.shard:
         raise UserError("--engine splits the input into tasks itself; drop --shard (or use --tasks)")
+    if getattr(args, "decontaminate", None):
+        raise UserError("--decontaminate is not yet a stage of --engine; run it without --engine")
     if args.engine == "slurm" and not args.slurm_partition:
         raise UserError("--engine slurm needs --slurm-partition NAME")
     for name in ("tasks", "dedup_tasks"):

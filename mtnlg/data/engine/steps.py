@@ -36,7 +36,7 @@ from mtnlg.data.dedup import MinHasher, exact_hash
 from mtnlg.data.engine.options import EngineSettings
 from mtnlg.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from mtnlg.data.readers import Problem, read_documents
-from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.data.tokenizer import LONG_TEXT_CHARS, Tokenizer
 from mtnlg.errors import UserError
 
 FLUSH_DOCS = 4096
@@ -104,7 +104,8 @@ class ReadStep(_Step):
 
         for index in self.settings.partition[rank]:
             t0 = time.perf_counter()
-            for doc in read_documents([self.settings.files[index]], self.settings.text_key, on_problem):
+            for doc in read_documents([self.settings.files[index]], self.settings.text_key, on_problem,
+                                      self.settings.max_document_bytes):
                 counters.documents_in += 1
                 counters.bytes_in += len(doc.text.encode("utf-8"))
                 counters.stage_seconds["read"] += time.perf_counter() - t0
@@ -182,9 +183,12 @@ class TokenizeStep(_Step):
 
         def flush():
             t0 = time.process_time()
-            encoded = tokenizer.hf.encode_batch([d.text for d in batch], add_special_tokens=False)
-            for doc, enc in zip(batch, encoded):
-                doc.metadata["tokens"] = np.array(enc.ids + [tokenizer.eod_id], dtype=dtype)
+            short = iter(tokenizer.hf.encode_batch([d.text for d in batch if len(d.text) <= LONG_TEXT_CHARS],
+                                                   add_special_tokens=False))
+            for doc in batch:  # long texts piecewise, to bound memory (same ids, as in the in-process pipeline)
+                ids = (np.array(next(short).ids, dtype=dtype) if len(doc.text) <= LONG_TEXT_CHARS
+                       else tokenizer.encode_array(doc.text, dtype))
+                doc.metadata["tokens"] = np.concatenate([ids, np.array([tokenizer.eod_id], dtype=dtype)])
             self.counters.stage_seconds["tokenize"] += time.process_time() - t0
             yield from batch
             batch.clear()
