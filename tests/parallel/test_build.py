@@ -52,6 +52,7 @@ SLOW_TRAIN_LAYOUTS = {  # make test-slow
     "z1_zb": dict(zero=1, pp_schedule="zb", virtual_stages=2),
     "z0_zbv": dict(zero=0, pp_schedule="zbv"),
     "z2_zb1": dict(zero=2, pp_schedule="zb"),  # ZB1P with one chunk per rank (ZB-H1)
+    "z3_interleaved": dict(zero=3, pp_schedule="interleaved", virtual_stages=2),
 }
 
 
