@@ -36,7 +36,7 @@ RUNTIME_GB = 0.35  # python + torch + mtnlg imported: VmHWM 0.30 GB on this mach
 
 def overrides(args, layout: dict, steps: int) -> list[str]:
     data = args.data
-    kv = {"model.n_layers": args.layers, "train.steps": steps, "train.global_batch": args.global_batch,
+    kv = {"model.n_layers": args.layers, "model.seq_len": args.seq_len, "train.steps": steps, "train.global_batch": args.global_batch,
           "train.micro_batch": 1, "train.precision": args.precision, "train.eval_interval": 0,
           "train.eval_batches": 2, "train.save_interval": 0, "train.threads": 1,
           "optim.warmup_steps": 1, "optim.lr": 1e-3, "optim.min_lr": 1e-4,
@@ -51,7 +51,7 @@ def plan(args, layout: dict) -> list[dict]:
            "--tp", str(layout["parallel.tp"]), "--pp", str(layout["parallel.pp"]),
            "--zero", str(layout["parallel.zero"]), "--micro-batch", "1", "--global-batch", str(args.global_batch),
            "--precision", args.precision, "--recompute", "none", "--json",
-           "--set", f"model.n_layers={args.layers}"]
+           "--set", f"model.n_layers={args.layers}", "--set", f"model.seq_len={args.seq_len}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
     if out.returncode:
         raise SystemExit(f"mtnlg plan failed: {out.stdout[-500:]}{out.stderr[-1500:]}")
@@ -131,6 +131,7 @@ def main() -> int:
     ap.add_argument("--config", default=ROOT / "configs" / "gpt-760m.toml")
     ap.add_argument("--data", default="runs/data/sotu", help="dataset prefix made by `make data`")
     ap.add_argument("--layers", type=int, default=24, help="transformer blocks (24 = GPT-3 Large)")
+    ap.add_argument("--seq-len", type=int, default=128, help="sequence length (the preset's 128; GPT-3 used 2048)")
     ap.add_argument("--global-batch", type=int, default=4, help="sequences per step (dp2 x 2 micro-batches of 1)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--steps-before", type=int, default=2, help="steps before the checkpoint")
