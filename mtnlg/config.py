@@ -104,6 +104,7 @@ class TrainConfig:
     eval_batches: int = _f(10, "micro-batches per validation")
     save_interval: int = _f(500, "checkpoint every N steps (always at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    async_save: bool = _f(False, "write checkpoints in a background thread while training continues (committed when the write completes)")
     threads: int = _f(0, "torch intra-op threads on CPU; 0 keeps torch's default")
 
 

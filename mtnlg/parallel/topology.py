@@ -79,15 +79,6 @@ class Topology:
             dist.broadcast(t, src=self.pp_last_rank, group=self.pp_group)
         return t
 
-    def gather_stages(self, obj: Any) -> list | None:
-        """Every pipeline stage's ``obj`` (a picklable dict of CPU tensors), in
-        stage order, on this pipeline's first stage; None on the other stages."""
-        if self.pp_size == 1:
-            return [obj]
-        out = [None] * self.pp_size if self.pp_rank == 0 else None
-        dist.gather_object(obj, out, dst=self.pp_first_rank, group=self.pp_group)
-        return out
-
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients over data-parallel replicas (one flat bucket).
         Under ZeRO (FSDP) backward already reduce-scattered them."""
