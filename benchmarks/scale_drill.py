@@ -36,10 +36,10 @@ RUNTIME_GB = 0.35  # python + torch + mtnlg imported: VmHWM 0.30 GB on this mach
 
 def overrides(args, layout: dict, steps: int) -> list[str]:
     data = args.data
-    kv = {"model.n_layers": args.layers, "model.seq_len": args.seq_len, "train.steps": steps, "train.global_batch": args.global_batch,
+    kv = {"model.n_layers": args.layers, "model.seq_len": args.seq_len, "model.vocab_size": args.vocab_size, "train.steps": steps, "train.global_batch": args.global_batch,
           "train.micro_batch": 1, "train.precision": args.precision, "train.eval_interval": 0,
           "train.eval_batches": 2, "train.save_interval": 0, "train.threads": 1,
-          "optim.warmup_steps": 1, "optim.lr": 1e-3, "optim.min_lr": 1e-4,
+          "optim.warmup_steps": 1, "optim.lr": 3e-4, "optim.min_lr": 3e-5,
           "data.blend": f'[[1.0, "{data}"]]', "data.tokenizer": f'"{data}.tokenizer.json"',
           "logging.log_interval": 1, "logging.progress_bar": "never", "logging.peak_tflops": 1.0, **layout}
     return [f"{k}={v}" for k, v in kv.items()]
@@ -51,7 +51,8 @@ def plan(args, layout: dict) -> list[dict]:
            "--tp", str(layout["parallel.tp"]), "--pp", str(layout["parallel.pp"]),
            "--zero", str(layout["parallel.zero"]), "--micro-batch", "1", "--global-batch", str(args.global_batch),
            "--precision", args.precision, "--recompute", "none", "--json",
-           "--set", f"model.n_layers={args.layers}", "--set", f"model.seq_len={args.seq_len}"]
+           "--set", f"model.n_layers={args.layers}", "--set", f"model.seq_len={args.seq_len}",
+           "--set", f"model.vocab_size={args.vocab_size}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
     if out.returncode:
         raise SystemExit(f"mtnlg plan failed: {out.stdout[-500:]}{out.stderr[-1500:]}")
@@ -112,6 +113,10 @@ def launch(args, run_dir: Path, layout: dict, steps: int, stop_after: int | None
     return peaks
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _ranks_gb(stages: list[dict], pp: int) -> float:
     """Predicted resident memory of all 8 ranks: each stage kind's ranks times its total plus runtime."""
     kinds = {s["stage"]: s["total_gb"] + RUNTIME_GB for s in stages}
@@ -131,13 +136,19 @@ def main() -> int:
     ap.add_argument("--config", default=ROOT / "configs" / "gpt-760m.toml")
     ap.add_argument("--data", default="runs/data/sotu", help="dataset prefix made by `make data`")
     ap.add_argument("--layers", type=int, default=24, help="transformer blocks (24 = GPT-3 Large)")
-    ap.add_argument("--seq-len", type=int, default=128, help="sequence length (the preset's 128; GPT-3 used 2048)")
-    ap.add_argument("--global-batch", type=int, default=4, help="sequences per step (dp2 x 2 micro-batches of 1)")
+    ap.add_argument("--seq-len", type=int, default=64, help="sequence length (GPT-3 used 2048; short so steps fit 2 cores)")
+    ap.add_argument("--vocab-size", type=int, default=50257,
+                    help="model vocabulary (GPT-2's 50257; the shipped corpus's tokenizer needs >= 8192)")
+    ap.add_argument("--global-batch", type=int, default=2,
+                    help="sequences per step: dp2 x 1 micro-batch of 1 (fewer micro-batches than the 2 stages: "
+                         "the steps run GPipe, as MT-NLG's ramp-up does)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--steps-before", type=int, default=2, help="steps before the checkpoint")
     ap.add_argument("--steps-after", type=int, default=2, help="steps after resuming under the other layout")
     ap.add_argument("--out", default="runs/scale-drill")
     ap.add_argument("--force", action="store_true", help="start even if MemAvailable is below the prediction")
+    ap.add_argument("--reference", action="store_true",
+                    help="also train all steps uninterrupted in the first layout, for the loss comparison")
     args = ap.parse_args()
     out = ROOT / args.out
     if not (ROOT / f"{args.data}.bin").exists():
@@ -159,11 +170,17 @@ def main() -> int:
     t1 = time.time()
     peaks_resume = launch(args, run_dir, LAYOUTS["resume"], total, None, out / "resume.log")
     t2 = time.time()
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    result = {"layers": args.layers, "precision": args.precision, "global_batch": args.global_batch,
+    metrics = _metrics(run_dir)
+    reference = None
+    if args.reference:
+        launch(args, out / "reference", LAYOUTS["train"], total, None, out / "reference.log")
+        reference = [(m["step"], m["loss"]) for m in _metrics(out / "reference")]
+    result = {"steps_before": args.steps_before, "layers": args.layers, "seq_len": args.seq_len,
+              "vocab_size": args.vocab_size, "precision": args.precision, "global_batch": args.global_batch,
               "plan": predicted, "peak_rss_gb": {"train": peaks_train, "resume": peaks_resume},
               "seconds": {"train": t1 - t0, "resume": t2 - t1},
-              "losses": [(m["step"], m["loss"]) for m in metrics], "records": metrics}
+              "losses": [(m["step"], m["loss"]) for m in metrics], "reference_losses": reference,
+              "records": metrics}
     (out / "drill.json").write_text(json.dumps(result, indent=1))
     print(table(result))
     return 0
@@ -183,9 +200,12 @@ def table(r: dict) -> str:
             lines.append(f"| {phase} | {name} | {rank} | {kind} | {gb:.2f} | {s['total_gb']:.2f} | "
                          f"{s['total_gb'] + RUNTIME_GB:.2f} |")
     lines.append("")
-    lines.append("| step | loss |")
-    lines.append("|---|---|")
-    lines += [f"| {s} | {loss:.4f} |" for s, loss in r["losses"]]
+    ref = dict(r.get("reference_losses") or [])
+    lines.append("| step | layout | loss | uninterrupted run |")
+    lines.append("|---|---|---|---|")
+    for s, loss in r["losses"]:
+        phase = "train" if s <= r["steps_before"] else "resumed"
+        lines.append(f"| {s} | {phase} | {loss:.4f} | {ref[s]:.4f} |" if s in ref else f"| {s} | {phase} | {loss:.4f} | |")
     return "\n".join(lines)
 
 
