@@ -139,9 +139,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=64, help="sequence length (GPT-3 used 2048; short so steps fit 2 cores)")
     ap.add_argument("--vocab-size", type=int, default=50257,
                     help="model vocabulary (GPT-2's 50257; the shipped corpus's tokenizer needs >= 8192)")
-    ap.add_argument("--global-batch", type=int, default=2,
-                    help="sequences per step: dp2 x 1 micro-batch of 1 (fewer micro-batches than the 2 stages: "
-                         "the steps run GPipe, as MT-NLG's ramp-up does)")
+    ap.add_argument("--global-batch", type=int, default=4,
+                    help="sequences per step: dp2 x 2 micro-batches of 1 (1F1B over 2 stages); dp4 x 1 on resume")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--steps-before", type=int, default=2, help="steps before the checkpoint")
     ap.add_argument("--steps-after", type=int, default=2, help="steps after resuming under the other layout")
