@@ -74,13 +74,13 @@ def compare(cfg, world, rank, tmp):
     mb = cfg.train.micro_batch
     with torch.no_grad():
         want = ref._loss(*ref._batch(ref.valid_data, 0, mb)).item()
-    r["val_uneven"] = abs(par.evaluate(1) - want)
+    val_uneven = abs(par.evaluate(1) - want)
     ref_rec.append(ref.train_step())
     par_rec.append(par.train_step())
     r = {"loss": max(abs(a["loss"] - b["loss"]) for a, b in zip(ref_rec, par_rec)),
          "norm": max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(ref_rec, par_rec)),
          "clipped": all(a["grad_norm"] > cfg.optim.grad_clip for a in ref_rec),
-         "master": par.master is None, "val": val}
+         "master": par.master is None, "val": val, "val_uneven": val_uneven}
     rp = dict(ref.model.named_parameters())
     params = list(par.model.named_parameters())
     r["params"] = max((full(p) - rp[n].float()).abs().max().item() for n, p in params)
