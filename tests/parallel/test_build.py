@@ -38,7 +38,7 @@ INIT_LAYOUTS = {
     "dp8_z3": dict(dp=8, zero=3),
     "pp4tp2_interleaved": dict(pp=4, tp=2, pp_schedule="interleaved", virtual_stages=2, n_layers=8),
 }
-TRAIN_LAYOUTS = {  # default suite (one 8-rank spawn, ~2 min on the shared 2-core machine)
+TRAIN_LAYOUTS = {  # default suite (one 8-rank spawn: 34 s on the quiet 2-core machine, ~2 min under load)
     "z0_1f1b": dict(zero=0),
     "z1_1f1b": dict(zero=1),
     "z3_1f1b": dict(zero=3),
