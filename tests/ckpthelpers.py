@@ -29,13 +29,12 @@ def dataset(cfg, n=96):
 
 
 def make_trainer(cfg, run_dir, world=1, rank=0, seed=7):
-    """A Trainer on ``world`` ranks (this process is ``rank``); world=1 ignores cfg.parallel.
-    The model comes from the trainer's own builder (meta device, layout-independent init)."""
+    """A Trainer on ``world`` ranks (this process is ``rank``); world=1 ignores cfg.parallel."""
     from mtnlg.parallel.setup import build, check_layout
     from mtnlg.train.trainer import Trainer
     device = torch.device("cpu")
     dims = check_layout(cfg, world) if world > 1 else None
-    model, topo = build(cfg, dims, device, rank, seed=seed)
+    model, topo = build(cfg, dims, device, rank, seed=seed)  # meta-device build, local shards initialised
     data = dataset(cfg)
     return Trainer(cfg, model, data, data, run_dir, device, topo)
 

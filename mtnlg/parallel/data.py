@@ -46,15 +46,19 @@ are all-reduced by a hook as soon as its backward finishes, overlapping the
 communication with the rest of the backward (DDP's habit), once per step
 (``set_requires_gradient_sync(False)`` on all but the last micro-batch).
 
-Inside a pipeline stage (``parallel.pp`` > 1) ``PipelineStage`` drives the
-FSDP/replicate module itself: during every micro-batch's backward it turns
-gradient sync and resharding off, and after the step's last backward it
-reduces (reduce-scatter under ZeRO, all-reduce under replicate) once per
-stage, so gradients are reduced once per step whatever the micro-batch
-count.  zero 1 and 2 are then the same thing (gradients accumulate
-unsharded, parameters stay gathered through the step); zero 3 frees each
-block's parameters after its forward and gathers them again per
-micro-batch (``reshard_after_forward=True``).
+Inside a pipeline stage (``parallel.pp`` > 1), zero 0 and 1: the stage root
+is an ``FSDPModule``, so ``PipelineStage`` drives it: during every
+micro-batch's backward gradient sync and resharding are off, and after the
+step's last backward it reduces once per stage (all-reduce under replicate,
+reduce-scatter under ZeRO-1): one reduction per step whatever the
+micro-batch count (MT-NLG's recipe is ZeRO-1).  zero 2 and 3: the stage
+runs behind a ``StageShell`` (``mtnlg.parallel.schedules``) and FSDP behaves
+as without a pipeline, reduce-scattering each micro-batch's gradients into
+the sharded accumulators (zero 3 also frees parameters after each block's
+forward and backward), so the stage never holds its whole unsharded
+gradients: more communication, ~1/dp the gradient memory.  The zero-bubble
+schedules split backward and need ``PipelineStage`` to drive FSDP, so there
+zero 2 reduces once per step and zero 3 is refused.
 """
 from __future__ import annotations
 

@@ -100,7 +100,8 @@ class PipelineSchedule:
         self.context = context or contextlib.nullcontext
         self.is_first = any(s.is_first for s in stages)
         self.is_last = any(s.is_last for s in stages)
-        last = [s.submod for s in stages if s.is_last]
+        self.chunks = [_inner(s.submod) for s in stages]
+        last = [m for s, m in zip(stages, self.chunks) if s.is_last]
         from mtnlg.parallel.tensor import loss_context
         self._loss_context = (lambda: loss_context(last[0])) if last else contextlib.nullcontext
         self._timer = _ComputeTimer()
@@ -139,10 +140,10 @@ class PipelineSchedule:
         if train:
             wall = time.perf_counter() - t0
             self._measure_bubble(wall)
-            for stage in self.stages:
-                match_grad_placements(stage.submod)
+            for chunk in self.chunks:
+                match_grad_placements(chunk)
             if self.sync_tied:
-                sync_tied_embedding_grads([st.submod for st in self.stages], self.group,
+                sync_tied_embedding_grads(self.chunks, self.group,
                                           last_rank=0 if self.style == "v" else None)
         if not self.is_last:
             return None
@@ -155,6 +156,28 @@ class PipelineSchedule:
             dist.all_reduce(idle, group=self.group)
             idle /= dist.get_world_size(self.group)
         self.bubble = float(idle)
+
+
+class StageShell(torch.nn.Module):
+    """Hides a stage's FSDP root from ``PipelineStage``, which would otherwise
+    switch off FSDP's gradient reduction and resharding for every micro-batch
+    and reduce once per step: right for zero 0/1, but it keeps the stage's
+    whole unsharded gradients (and, at zero 3, parameters) until the step's
+    end.  Behind the shell FSDP runs as without a pipeline: zero 2
+    reduce-scatters each micro-batch's gradients into the sharded
+    accumulators, zero 3 also frees each block's parameters after its forward
+    and backward (DeepSpeed's ZeRO-2/3 behaviour under gradient accumulation)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _inner(m: torch.nn.Module) -> torch.nn.Module:
+    return m.inner if isinstance(m, StageShell) else m
 
 
 def _forward_only_v():
@@ -186,12 +209,14 @@ def build_pipeline_schedule(stage_model, pp_group_or_mesh, pp_rank: int, pp_size
                             n_microbatches: int, loss_fn: Callable = cross_entropy_loss,
                             schedule: str = "1f1b", device: torch.device | str = "cpu",
                             context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                            forward_only: bool = False) -> PipelineSchedule:
+                            forward_only: bool = False, shell: bool = False) -> PipelineSchedule:
     """Wrap this rank's stage (or its list of chunks from ``split_stage(...,
     virtual_stages=v, chunk=k, style=placement(schedule))``) in
     ``PipelineStage``s over the pp group and build the named schedule, or
     the fallback that accepts ``n_microbatches`` (module doc).  A
-    ``forward_only`` schedule serves ``eval`` only (needed for zbv)."""
+    ``forward_only`` schedule serves ``eval`` only (needed for zbv);
+    ``shell`` runs FSDP per micro-batch (``StageShell``; not with zb/zbv,
+    whose split backward needs ``PipelineStage`` to drive FSDP)."""
     from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                               ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
                                               ScheduleLoopedBFS, ScheduleZBVZeroBubble)
@@ -216,7 +241,10 @@ def build_pipeline_schedule(stage_model, pp_group_or_mesh, pp_rank: int, pp_size
     name = effective_schedule(schedule, n_microbatches, pp_size, len(chunks))
     group = _pp_group(pp_group_or_mesh)
     device = torch.device(device)
-    stages = [PipelineStage(m, expected[k], n_stages, device, group=group) for k, m in enumerate(chunks)]
+    if shell and schedule in ("zb", "zbv"):
+        raise UserError(f"schedule {schedule!r} splits backward in two; its stages cannot run FSDP per micro-batch")
+    stages = [PipelineStage(StageShell(m) if shell else m, expected[k], n_stages, device, group=group)
+              for k, m in enumerate(chunks)]
     classes = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
                "zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble, "loopedbfs": ScheduleLoopedBFS}
     cls = _forward_only_v() if forward_only and name == "zbv" else classes[name]

@@ -136,7 +136,7 @@ def _assemble(cfg, dims, chunks, mesh, device, rank, dp_hooks) -> tuple[torch.nn
     pp = {}
     if dims.pp > 1:
         from mtnlg.parallel.pipeline import StageView
-        pp = _pipeline_fields(cfg, chunks, mesh["pp"], dims.pp, device)
+        pp = _pipeline_fields(cfg, chunks, mesh["pp"], dims.pp, device, dims.dp)
         model = StageView(chunks) if len(chunks) > 1 else chunks[0]
     zero = cfg.parallel.zero if data.uses_fsdp(cfg.parallel.zero, dims.dp) else 0
     dp_mesh = mesh["dp"]
@@ -160,7 +160,7 @@ def _shard_like(full: torch.Tensor, ref):
     return full
 
 
-def _pipeline_fields(cfg: Config, chunks: list, pp_mesh, pp: int, device: torch.device) -> dict:
+def _pipeline_fields(cfg: Config, chunks: list, pp_mesh, pp: int, device: torch.device, dims_dp: int) -> dict:
     """The Topology fields of a pipeline rank.  Schedules are built lazily, one
     per (micro-batch count, batch rows, mode): batch ramp-up and evaluation
     change them, and a PipelineStage fixes its activation shapes on first use."""
@@ -171,6 +171,9 @@ def _pipeline_fields(cfg: Config, chunks: list, pp_mesh, pp: int, device: torch.
     group = pp_mesh.get_group()
     cache: dict = {}
     schedule = cfg.parallel.pp_schedule
+    # zero 2/3 keep gradients (and zero 3 parameters) sharded between micro-batches: FSDP reduces per
+    # micro-batch; zero 0/1 let PipelineStage reduce once per step (see mtnlg/parallel/data.py)
+    per_micro_batch = cfg.parallel.zero >= 2 and dims_dp > 1
 
     def pipeline(n_micro: int, rows: int, loss_fn, context=None, mode: str = "train"):
         name = schedule if mode == "train" else eval_schedule_name(schedule, len(chunks))
@@ -179,7 +182,8 @@ def _pipeline_fields(cfg: Config, chunks: list, pp_mesh, pp: int, device: torch.
             stage = chunks if len(chunks) > 1 else chunks[0]
             cache[key] = pl.build_pipeline_schedule(stage, group, pp_rank, pp, n_micro, loss_fn,
                                                     schedule=name, device=device, context=context,
-                                                    forward_only=mode != "train")
+                                                    forward_only=mode != "train",
+                                                    shell=per_micro_batch and name not in ("zb", "zbv"))
         return cache[key]
 
     return dict(pp_size=pp, pp_rank=pp_rank, pp_group=group,

@@ -274,18 +274,28 @@ class Trainer:
         hi = (topo.dp_rank + 1) * total_samples // topo.dp_size
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        if topo.pp_size > 1 and hi > lo:  # forward-only GPipe over the share, micro-batches of mb rows (or 1)
-            rows = mb if (hi - lo) % mb == 0 else 1
-            x, y = self._batch(self.valid_data, lo, hi - lo)
-            losses = self._pipeline((hi - lo) // rows, hi - lo, "eval").eval(x, y)
+        # Every dp rank runs the same forwards: under ZeRO/replicate a forward is collective over dp, and
+        # shares differ by one sample when dp does not divide the count (ranks short of it pad with
+        # sample 0, weighted 0).
+        share = -(-total_samples // topo.dp_size)
+        if topo.pp_size > 1:  # forward-only pipeline over the share, micro-batches of mb rows (or 1)
+            rows = mb if share % mb == 0 and total_samples % topo.dp_size == 0 else 1  # same on every dp rank
+            x, y = self._batch(self.valid_data, lo, hi - lo) if hi > lo else (None, None)
+            if hi - lo < share:
+                px, py = self._batch(self.valid_data, 0, share - (hi - lo))
+                x, y = (px, py) if x is None else (torch.cat([x, px]), torch.cat([y, py]))
+            losses = self._pipeline(share // rows, share, "eval").eval(x, y)
             if losses is not None:
-                total = losses.sum().to(self.device) * rows
+                total = losses[:(hi - lo) // rows].sum().to(self.device) * rows
             total = topo.broadcast_from_last_stage(total)
-        for start in range(lo, hi, mb) if topo.pp_size == 1 else ():
+        for i in range(-(-share // mb)) if topo.pp_size == 1 else ():
+            start = lo + i * mb
             n = min(mb, hi - start)
-            x, y = self._batch(self.valid_data, start, n)
+            x, y = self._batch(self.valid_data, start if n > 0 else 0, max(n, 1))
             with topo.loss_context():
-                total += topo.local_value(self._loss(x, y)) * n
+                loss = topo.local_value(self._loss(x, y))
+            if n > 0:
+                total += loss * n
         self.model.train()
         return (topo.mean_over_dp(total) * topo.dp_size / total_samples).item()
 

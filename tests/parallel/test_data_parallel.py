@@ -69,12 +69,18 @@ def compare(cfg, world, rank, tmp):
     par_rec = [par.train_step() for _ in range(2)]
     # 8 validation samples on both (no-grad forwards: zero 1/2 keep parameters gathered after them)
     val = abs(ref.evaluate(8 // ref.cfg.train.micro_batch) - par.evaluate(8 // cfg.train.micro_batch))
+    # fewer validation samples than dp ranks' micro-batches (dp4 x mb 2: 2 samples, two ranks empty): every
+    # rank must still run the same forwards, which are collective under ZeRO (this hung before)
+    mb = cfg.train.micro_batch
+    with torch.no_grad():
+        want = ref._loss(*ref._batch(ref.valid_data, 0, mb)).item()
+    val_uneven = abs(par.evaluate(1) - want)
     ref_rec.append(ref.train_step())
     par_rec.append(par.train_step())
     r = {"loss": max(abs(a["loss"] - b["loss"]) for a, b in zip(ref_rec, par_rec)),
          "norm": max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"] for a, b in zip(ref_rec, par_rec)),
          "clipped": all(a["grad_norm"] > cfg.optim.grad_clip for a in ref_rec),
-         "master": par.master is None, "val": val}
+         "master": par.master is None, "val": val, "val_uneven": val_uneven}
     rp = dict(ref.model.named_parameters())
     params = list(par.model.named_parameters())
     r["params"] = max((full(p) - rp[n].float()).abs().max().item() for n, p in params)
@@ -142,6 +148,7 @@ def test_zero_matches_single_process(results, layout):
         r = res[layout]
         assert r["clipped"] and r["master"], (rank, r)
         assert r["loss"] < STEP_ATOL and r["val"] < STEP_ATOL and r["norm"] < RTOL, (rank, layout, r)
+        assert r["val_uneven"] < STEP_ATOL, (rank, layout, r)
         assert r["params"] < STEP_ATOL and r["moments"] < STEP_ATOL, (rank, layout, r)
         assert r["resume"] < 1e-6, (rank, layout, r)
         assert r["param_types"] == ["DTensor"]

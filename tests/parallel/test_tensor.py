@@ -135,7 +135,9 @@ def check_layout(mesh_shape, sp):
     r["resume"] = max([abs(a[0] - b[0])] + [maxdiff(p.full_tensor(), fp[n].full_tensor())
                                             for n, p in par.named_parameters()])
 
-    # greedy KV-cache generation (sequence parallelism needs T divisible by tp: not for decoding)
+    # greedy KV-cache generation (sequence parallelism needs T divisible by tp: not for decoding);
+    # the reference takes the step par took above, so both hold the same weights
+    train_steps(ref, ref_opt, more, loss_context)
     ref.eval(), par.eval()
     prompt = x[:, :4]
     if sp:
@@ -144,6 +146,7 @@ def check_layout(mesh_shape, sp):
     else:
         r["generate"] = torch.equal(greedy(par, prompt, 8), greedy(ref, prompt, 8))
     return r
+
 
 
 def check_dropout(mesh_shape):
