@@ -15,6 +15,7 @@ from mtnlg.errors import UserError
 COMMANDS = {
     "preprocess": ("mtnlg.data.preprocess", "clean, deduplicate and tokenize raw text into indexed datasets"),
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
+    "finetune": ("mtnlg.finetune.run", "fine-tune a trained model on prompt/response or chat JSONL (loss on replies only)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
     "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),

@@ -71,13 +71,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, start)
-        if cache is None or start == 0:
+        if attn_mask is not None:  # (B, T, S) boolean, True where a query may see a key; shared by all heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.unsqueeze(1),
+                                               dropout_p=self.dropout if self.training else 0.0)
+        elif cache is None or start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # new queries sit at positions start..start+T-1 and see every earlier key
@@ -106,13 +110,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     """GPT language model.  ``forward(tokens) -> logits`` of shape (B, T, V).
+
+    Optional ``positions`` (B, T) and ``attn_mask`` (B, T, S) boolean (True
+    where query t may attend to key s) replace the default positions
+    ``start..start+T-1`` and the causal mask: several documents packed into
+    one row then each restart at position 0 and see only themselves
+    (``mtnlg.finetune.pack.document_attention`` builds both from document ids).
 
     Any of ``tok_emb``, ``blocks`` entries, ``ln_f`` or ``lm_head`` may be
     absent (set to None / deleted) on a pipeline stage; forward then skips it
@@ -131,15 +142,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.tok_emb is not None:
             T = x.shape[1]
-            if start + T > self.cfg.seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-            pos = torch.arange(start, start + T, device=x.device)
-            x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
+            if positions is None:
+                if start + T > self.cfg.seq_len:
+                    raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+                positions = torch.arange(start, start + T, device=x.device)
+            x = self.drop(self.tok_emb(x) + self.pos_emb(positions))
         for block in self.blocks.values():
-            x = block(x, cache, start)
+            x = block(x, cache, start) if attn_mask is None else block(x, cache, start, attn_mask=attn_mask)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:

@@ -39,20 +39,32 @@ def config_digest(cfg: Config) -> str:
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile")}
+    if d.get("finetune") == to_dict(Config())["finetune"]:
+        d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+IGNORE_INDEX = -100  # targets that carry no loss (fine-tuning prompts, padding); F.cross_entropy's default
+
+
+def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 22,
+                       denom: float | None = None) -> torch.Tensor:
     """Mean cross-entropy computed in float32.  Low-precision plain logits are
     upcast a slice of rows at a time, which keeps the float32 copy small and
     in cache (2.5x faster than upcasting all logits on CPU).  Sharded
-    (tensor-parallel) logits take the one-shot vocabulary-parallel path."""
+    (tensor-parallel) logits take the one-shot vocabulary-parallel path.
+
+    With ``denom`` the loss is the *sum* over targets other than
+    ``IGNORE_INDEX`` divided by ``denom`` (fine-tuning divides by the loss
+    tokens of the whole global batch, see ``Trainer._loss_scale``)."""
     if logits.dtype == torch.float32 or type(logits) is not torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
+        if denom is None:
+            return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / denom
     rows = max(1, chunk_elems // logits.shape[-1])
     total = sum(F.cross_entropy(c.float(), t, reduction="sum")
                 for c, t in zip(logits.split(rows), targets.split(rows)))
-    return total / targets.numel()
+    return total / (targets.numel() if denom is None else denom)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -96,6 +108,7 @@ class Trainer:
         self.seq_len = cfg.model.seq_len
         vocab = getattr(model, "vocab_size", None)
         self.flops_per_token = flops_per_token(cfg.model, recompute=False, vocab=vocab)
+        self._denom: float | None = None  # loss denominator of the current micro-batches (fine-tuning)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -182,6 +195,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _batch(self, dataset, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(dataset, "batch"):  # fine-tuning rows: (tokens or model kwargs, targets with IGNORE_INDEX)
+            return dataset.batch(first, count, self.device)
         rows = np.stack([dataset[i] for i in range(first, first + count)])
         tokens = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
@@ -189,8 +204,17 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; call inside ``topo.loss_context()``."""
         with autocast(self.precision, self.device):
-            logits = self.model(x)
-        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten())
+            logits = self.model(**x) if isinstance(x, dict) else self.model(x)
+        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten(), denom=self._denom)
+
+    def _loss_scale(self, dataset, first: int, count: int, parts: float) -> float | None:
+        """Loss denominator for one of ``parts`` equal shares of samples
+        ``[first, first + count)`` when the dataset masks targets (fine-tuning):
+        the shares' losses then add up to the mean over *all* their loss
+        tokens, whatever the micro-batching or dp/pp layout.  None otherwise."""
+        if not hasattr(dataset, "loss_tokens"):
+            return None
+        return max(dataset.loss_tokens(first, count), 1) / parts
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -204,6 +228,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
+        self._denom = self._loss_scale(self.train_data, self.consumed_samples, gb, n_micro * topo.dp_size)
         total = torch.zeros((), device=self.device)
         if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
             x, y = self._batch(self.train_data, first, n_micro * mb)
@@ -252,12 +277,14 @@ class Trainer:
         loss = topo.mean_over_dp(total)
         record.update(step=self.step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
                       consumed_samples=self.consumed_samples, global_batch=gb)
+        if self._denom is not None:
+            record["loss_tokens"] = self.train_data.loss_tokens(self.consumed_samples - gb, gb)
         return record
 
     def _pipeline(self, n_micro: int, rows: int, schedule: str = "1f1b"):
         """This rank's pipeline schedule for batches of ``rows`` in ``n_micro`` micro-batches."""
         def loss_fn(logits, targets):
-            return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten())
+            return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten(), denom=self._denom)
         return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), schedule)
 
     @torch.no_grad()
@@ -275,6 +302,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         if topo.pp_size > 1 and hi > lo:  # forward-only GPipe over the share, micro-batches of mb rows (or 1)
             rows = mb if (hi - lo) % mb == 0 else 1
+            self._denom = self._loss_scale(self.valid_data, 0, total_samples, total_samples / rows)
             x, y = self._batch(self.valid_data, lo, hi - lo)
             losses = self._pipeline((hi - lo) // rows, hi - lo, "gpipe").eval(x, y)
             if losses is not None:
@@ -282,6 +310,7 @@ class Trainer:
             total = topo.broadcast_from_last_stage(total)
         for start in range(lo, hi, mb) if topo.pp_size == 1 else ():
             n = min(mb, hi - start)
+            self._denom = self._loss_scale(self.valid_data, 0, total_samples, total_samples / n)
             x, y = self._batch(self.valid_data, start, n)
             with topo.loss_context():
                 total += topo.local_value(self._loss(x, y)) * n
