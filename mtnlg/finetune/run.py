@@ -146,14 +146,14 @@ def run(args: argparse.Namespace) -> int:
     cfg, existing, init_path = resolve_config(args)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.parallel.pp > 1 and cfg.finetune.pack:
+        raise UserError(f"parallel.pp={cfg.parallel.pp} cannot pass per-example attention masks between pipeline "
+                        f"stages; fine-tune with padding instead (--no-pack, finetune.pack=false)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims = None
     if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from mtnlg.parallel.setup import check_layout
         dims = check_layout(cfg, world)
-        if dims.pp > 1 and cfg.finetune.pack:
-            raise UserError(f"parallel.pp={dims.pp} cannot pass per-example attention masks between pipeline "
-                            f"stages; fine-tune with padding instead (--no-pack, finetune.pack=false)")
     tok_path = run_dir / "tokenizer.json" if existing else Path(cfg.finetune.init) / "tokenizer.json"
     if not tok_path.exists():
         raise UserError(f"{tok_path} is missing; the fine-tune needs the tokenizer the model was trained with")
