@@ -204,8 +204,15 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; call inside ``topo.loss_context()``."""
         with autocast(self.precision, self.device):
-            logits = self.model(**x) if isinstance(x, dict) else self.model(x)
+            logits = self._forward(x)
         return cross_entropy_fp32(logits.flatten(0, 1), y.flatten(), denom=self._denom)
+
+    def _forward(self, x):
+        """Logits of tokens ``x``, or of fine-tuning's dict: tokens under "x" and
+        further ``GPT.forward`` keyword arguments (positions, attention mask)."""
+        if isinstance(x, dict):
+            return self.model(x["x"], **{k: v for k, v in x.items() if k != "x"})
+        return self.model(x)
 
     def _loss_scale(self, dataset, first: int, count: int, parts: float) -> float | None:
         """Loss denominator for one of ``parts`` equal shares of samples
