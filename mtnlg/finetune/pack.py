@@ -85,8 +85,8 @@ def build_rows(examples: list[Example], row_len: int, pad_id: int, pack: bool) -
 
 
 def document_attention(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (B, T) restarting at 0 at each example, and the (B, T, T)
-    boolean mask letting a token see only earlier tokens of its own example
+    """Positions (B, T) restarting at 0 at each example, and the (B, 1, T, T)
+    boolean attention mask letting a token see only earlier tokens of its own example
     (padding, one run of ``PAD_DOC``, sees itself the same way)."""
     B, T = doc.shape
     t = torch.arange(T, device=doc.device)
@@ -94,7 +94,7 @@ def document_attention(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
     first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
     causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-    return t - first, (doc[:, :, None] == doc[:, None, :]) & causal
+    return t - first, ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class FinetuneDataset:
@@ -131,7 +131,7 @@ class FinetuneDataset:
     def batch(self, first: int, count: int, device: torch.device):
         """(model inputs, targets) of samples ``[first, first + count)``: the
         inputs are a token tensor, or with packing the keyword arguments
-        ``x``, ``positions`` and ``attn_mask`` of ``GPT.forward``."""
+        ``x``, ``positions`` and ``mask`` of ``GPT.forward``."""
         index = self.indices(first, count)
         tokens = torch.from_numpy(self.rows.tokens[index].astype(np.int64))
         keep = torch.from_numpy(self.rows.target_mask(index))
@@ -140,4 +140,4 @@ class FinetuneDataset:
         if not self.document_mask:
             return x, targets
         positions, mask = document_attention(torch.from_numpy(self.rows.doc[index][:, :-1]).to(device))
-        return {"x": x, "positions": positions, "attn_mask": mask}, targets
+        return {"x": x, "positions": positions, "mask": mask}, targets

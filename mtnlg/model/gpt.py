@@ -72,14 +72,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, start)
-        if attn_mask is not None:  # (B, T, S) boolean, True where a query may see a key; shared by all heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.unsqueeze(1),
+        if mask is not None:  # (B, 1, T, start + T) boolean: True where a query may see a key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
         elif cache is None or start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -111,15 +111,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start, attn_mask)
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     """GPT language model.  ``forward(tokens) -> logits`` of shape (B, T, V).
 
-    Optional ``positions`` (B, T) and ``attn_mask`` (B, T, S) boolean (True
+    Optional ``positions`` (B, T) and ``mask`` (B, 1, T, S) boolean (True
     where query t may attend to key s) replace the default positions
     ``start..start+T-1`` and the causal mask: several documents packed into
     one row then each restart at position 0 and see only themselves
@@ -143,16 +143,15 @@ class GPT(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.tok_emb is not None:
             T = x.shape[1]
-            if positions is None:
-                if start + T > self.cfg.seq_len:
-                    raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-                positions = torch.arange(start, start + T, device=x.device)
-            x = self.drop(self.tok_emb(x) + self.pos_emb(positions))
+            if start + T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+            pos = torch.arange(start, start + T, device=x.device) if positions is None else positions
+            x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
         for block in self.blocks.values():
-            x = block(x, cache, start) if attn_mask is None else block(x, cache, start, attn_mask=attn_mask)
+            x = block(x, cache, start) if mask is None else block(x, cache, start, mask)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:

@@ -46,4 +46,4 @@ def test_parallel_layouts_match_one_process(tmp_path, base_run, qa_file):
         for a, b in zip(ref, got):
             assert b[4] == a[4]  # the same loss tokens per step
             for x, y in zip(a[1:4], b[1:4]):
-                assert (x is None and y is None) or y == pytest.approx(x, rel=1e-4), (name, ref, got)
+                assert (x is None and y is None) or y == pytest.approx(x, rel=1e-5), (name, ref, got)  # observed <= 4e-7
