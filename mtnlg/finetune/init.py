@@ -1,9 +1,9 @@
 """Where a fine-tune starts: the init model's config, tokenizer and weights.
 
 The init is a run directory (``config.toml``, ``tokenizer.json``,
-``checkpoints/``) or a Hugging Face GPT-2 directory, which is first imported
-into ``RUN/init`` with ``mtnlg import`` (``mtnlg.convert``) so the fine-tune
-always starts from a run directory.  Only model weights are taken over
+``checkpoints/``) or a Hugging Face GPT-2 directory, read through
+``mtnlg.convert.hf`` (the mapping ``mtnlg import --hf`` uses) without writing
+a copy of it.  Only model weights are taken over
 (optimizer state, step and data position start fresh); tensors are loaded
 into the already parallelized model through the topology's full-state
 loader, so any tp/pp/dp/zero layout works.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,16 +25,49 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").exists() and not (path / "config.toml").exists()
 
 
-def import_hf(hf_dir: Path, out: Path) -> Path:
-    """Import a Hugging Face GPT-2 directory into the run directory ``out``."""
+@dataclass
+class InitSource:
+    """The model a fine-tune starts from: its config, tokenizer and where its weights are."""
+    path: Path
+    hf: bool
+    model: ModelConfig
+    tokenizer: object
+    checkpoint: Path | None = None  # run directories: the step_* directory
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Full weights under mtnlg's parameter names."""
+        if self.hf:
+            return _hf().load_hf_state(self.path, self.model)
+        from mtnlg.train.checkpoint import load_model_state
+        return load_model_state(self.checkpoint)
+
+
+def _hf():
     try:
-        from mtnlg.convert.hf import import_hf as convert  # built by the HF import/export work
+        from mtnlg.convert import hf  # the Hugging Face GPT-2 import/export
     except ImportError:
-        raise UserError(f"{hf_dir} is a Hugging Face directory, but this mtnlg has no `mtnlg import --hf`; "
-                        f"import it into a run directory first, or pass a run directory to --from") from None
-    if not (out / "config.toml").exists():
-        convert(hf_dir, out)
-    return out
+        raise UserError("this mtnlg cannot read Hugging Face directories (no mtnlg.convert); pass a run "
+                        "directory to --from") from None
+    return hf
+
+
+def open_init(path: str | Path, step: int = 0) -> InitSource:
+    """Check ``finetune.init`` and read its config and tokenizer (weights are read later, by ``state``)."""
+    from mtnlg.data.tokenizer import load_tokenizer
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--from {path} does not exist or is not a directory")
+    if is_hf_dir(path):
+        if step:
+            raise UserError(f"--step applies to run directories; {path} is a Hugging Face directory")
+        hf = _hf()
+        model = hf.model_config_from_hf(hf.read_hf_config(path), str(path))
+        return InitSource(path, True, model, hf.load_hf_tokenizer(path))
+    checkpoint = init_checkpoint(path, step)
+    if not (path / "tokenizer.json").exists():
+        raise UserError(f"{path}/tokenizer.json is missing; the fine-tune needs the tokenizer the model was trained with")
+    return InitSource(path, False, load_config(path / "config.toml").model,
+                      load_tokenizer(str(path / "tokenizer.json")), checkpoint)
 
 
 def init_checkpoint(run_dir: Path, step: int = 0) -> Path:
@@ -54,11 +88,11 @@ def init_checkpoint(run_dir: Path, step: int = 0) -> Path:
     return path
 
 
-def take_model_config(cfg: Config, init_cfg: Config) -> Config:
+def take_model_config(cfg: Config, init_model: ModelConfig) -> Config:
     """``cfg`` with the init run's model section; of the model keys only
     ``model.dropout`` may be changed for fine-tuning."""
     mine, default = cfg.model, ModelConfig()
-    model = copy.deepcopy(init_cfg.model)
+    model = copy.deepcopy(init_model)
     for f in dataclasses.fields(ModelConfig):
         value = getattr(mine, f.name)
         if value == getattr(default, f.name) or value == getattr(model, f.name):
@@ -71,10 +105,6 @@ def take_model_config(cfg: Config, init_cfg: Config) -> Config:
     return cfg.validate()
 
 
-def load_init_config(run_dir: Path) -> Config:
-    return load_config(run_dir / "config.toml")
-
-
 def resize_vocab(w: torch.Tensor, rows: int) -> torch.Tensor:
     """An embedding table with ``rows`` rows: the padded vocabulary depends on
     ``parallel.tp``; rows past the tokenizer's vocabulary are never looked up."""
@@ -84,10 +114,10 @@ def resize_vocab(w: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_init_weights(model: torch.nn.Module, topo, path: Path, device: torch.device) -> None:
-    """Copy the init checkpoint's weights into this rank's part of ``model``."""
-    from mtnlg.train.checkpoint import load_model_state
-    state = load_model_state(path)
+def load_init_weights(model: torch.nn.Module, topo, source: InitSource, device: torch.device) -> None:
+    """Copy the init model's weights into this rank's part of ``model``."""
+    state = source.state()
+    path = source.checkpoint or source.path
     own = model.state_dict()
     weights = {}
     for name, param in own.items():

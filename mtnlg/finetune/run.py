@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -66,8 +65,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, bool, Path | None]:
-    """(config, existing run?, init checkpoint for a new run)."""
+def resolve_config(args: argparse.Namespace):
+    """(config, existing run?, the init model's InitSource for a new run, else None)."""
     from mtnlg.finetune import init
     from mtnlg.train.trainer import config_digest
     run_dir = Path(args.run)
@@ -89,16 +88,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool, Path | None]
     for what, path in (("--data", f.data), ("--valid", f.valid)):
         if path and not Path(path).is_file():
             raise UserError(f"{what} {path} does not exist")
-    source = Path(f.init)
-    if not source.is_dir():
-        raise UserError(f"--from {source} does not exist or is not a directory")
-    if init.is_hf_dir(source):
-        source = init.import_hf(source, run_dir / "init")
-        cfg.finetune.init = str(source.resolve())
-    path = init.init_checkpoint(source, f.init_step)
-    cfg = init.take_model_config(cfg, init.load_init_config(source))
+    source = init.open_init(f.init, f.init_step)
+    cfg = init.take_model_config(cfg, source.model)
     cfg.data = DataConfig()  # the init run's pretraining blend plays no part
-    return cfg, False, path
+    return cfg, False, source
 
 
 def build_datasets(cfg: Config, tokenizer, template, report_out: dict | None = None):
@@ -135,7 +128,7 @@ def _check_unchanged(run_dir: Path, report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtnlg.data.tokenizer import load_tokenizer
-    from mtnlg.finetune.init import load_init_weights
+    from mtnlg.finetune.init import load_init_weights, open_init
     from mtnlg.finetune.template import ChatTemplate, load_chat_template
     from mtnlg.io import write_atomic
     from mtnlg.parallel.mesh import init_distributed
@@ -143,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from mtnlg.train.trainer import Trainer
 
     run_dir = Path(args.run)
-    cfg, existing, init_path = resolve_config(args)
+    cfg, existing, source = resolve_config(args)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.parallel.pp > 1 and cfg.finetune.pack:
@@ -154,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from mtnlg.parallel.setup import check_layout
         dims = check_layout(cfg, world)
-    tok_path = run_dir / "tokenizer.json" if existing else Path(cfg.finetune.init) / "tokenizer.json"
-    if not tok_path.exists():
-        raise UserError(f"{tok_path} is missing; the fine-tune needs the tokenizer the model was trained with")
-    tokenizer = load_tokenizer(str(tok_path))
+    if existing:
+        tok_path = run_dir / "tokenizer.json"
+        if not tok_path.exists():
+            raise UserError(f"{tok_path} is missing; restore the tokenizer this fine-tune was started with")
+        tokenizer = load_tokenizer(str(tok_path))
+    else:
+        tokenizer, tok_path = source.tokenizer, source.path
     template = (load_chat_template(run_dir) if existing else None) or ChatTemplate()
     vocab = cfg.model.padded_vocab(cfg.parallel.tp)
     if tokenizer.vocab_size > vocab:
@@ -172,10 +168,10 @@ def run(args: argparse.Namespace) -> int:
     model, topo = _build_model(cfg, device, rank, dims, vocab)
     fresh = latest_checkpoint(run_dir / "checkpoints") is None
     if fresh:  # before the Trainer exists, so bf16 master copies start from these weights too
-        load_init_weights(model, topo, init_path or _saved_init_checkpoint(cfg), device)
+        load_init_weights(model, topo, source or open_init(cfg.finetune.init, cfg.finetune.init_step), device)
     if topo.is_main and not existing:
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tok_path, run_dir / "tokenizer.json")
+        tokenizer.save(str(run_dir / "tokenizer.json"))
         template.save(run_dir)
         write_atomic(run_dir / DATA_FILE, json.dumps(report, indent=2) + "\n")
         write_atomic(run_dir / "config.toml", dump_toml(cfg))  # last: its presence marks a complete run directory
@@ -195,12 +191,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     trainer.fit(stop_after=args.stop_after)
     return 0
-
-
-def _saved_init_checkpoint(cfg: Config) -> Path:
-    """A run directory that crashed before its first checkpoint starts again from its init."""
-    from mtnlg.finetune.init import init_checkpoint
-    return init_checkpoint(Path(cfg.finetune.init), cfg.finetune.init_step)
 
 
 def _peak(cfg: Config, device: torch.device) -> float:
