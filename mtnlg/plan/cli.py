@@ -7,6 +7,7 @@ import sys
 
 from mtnlg.errors import UserError
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, GPUS, Calibration, make_cluster
+from mtnlg.plan.cost import GPU_PROFILES, DeviceProfile
 from mtnlg.plan.layout import RECOMPUTE, SCHEDULES, Layout
 from mtnlg.plan.memory import STATE_BYTES, model_state_bytes
 from mtnlg.plan.planner import plan_layout, search_layouts
@@ -27,8 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nvlink-gbps", type=float, help="intra-node bandwidth per GPU per direction, GB/s")
     g.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU per direction, GB/s")
     g.add_argument("--hbm-gbps", type=float, help="GPU memory bandwidth, GB/s (optimizer step)")
-    g.add_argument("--compute-efficiency", type=float, default=c.compute_efficiency,
-                   help=f"achievable fraction of peak FLOP/s (default {c.compute_efficiency})")
+    g.add_argument("--compute-efficiency", type=float, default=None,
+                   help="flat model: this fraction of peak FLOP/s for all compute (default: the per-operation "
+                        f"cost model with the GPU's device profile; {c.compute_efficiency} is the old constant)")
+    g.add_argument("--device-profile", metavar="JSON",
+                   help="device profile for the per-operation cost model (from --calibrate); default: the GPU "
+                        "preset's datasheet profile")
     g.add_argument("--link-efficiency", type=float, default=c.link_efficiency,
                    help=f"achievable fraction of link bandwidth (default {c.link_efficiency})")
     g.add_argument("--reserved-gb", type=float, default=c.reserved_gb,
@@ -49,6 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation recomputation (default: full if train.activation_checkpointing else none; "
                         "all three when searching)")
     g.add_argument("--precision", choices=sorted(STATE_BYTES), help="weights/optimizer precision (default: train.precision)")
+    g = p.add_argument_group("this machine (CPU or one GPU): calibrate, then predict a local run")
+    g.add_argument("--calibrate", action="store_true",
+                   help="time this machine's GEMMs at the config's shapes, attention, memory bandwidth, optimizer "
+                        "and gloo collectives; write a device profile (--out)")
+    g.add_argument("--out", metavar="JSON", help="where --calibrate writes (default ~/.cache/mtnlg/device-profile.json)")
+    g.add_argument("--local", action="store_true",
+                   help="predict step time, its breakdown and per-rank memory of `mtnlg train` on this machine "
+                        "with --tp x --dp processes (needs a calibrated --device-profile; default: the --out path)")
+    g.add_argument("--dp", type=int, default=1, help="data-parallel processes for --local (default 1)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     g.add_argument("--top", type=int, default=15, help="rows of the ranked table (default 15)")
@@ -66,10 +80,17 @@ def _setup(args):
                            memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                            nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps, hbm_gbps=args.hbm_gbps)
     for name in ("compute_efficiency", "link_efficiency"):
-        if not 0 < getattr(args, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    calib = Calibration(args.compute_efficiency, args.link_efficiency, DEFAULT_CALIBRATION.hbm_efficiency,
-                        args.reserved_gb)
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    if args.compute_efficiency is not None:
+        device = None
+    elif args.device_profile:
+        device = DeviceProfile.load(args.device_profile)
+    else:
+        device = GPU_PROFILES[args.gpu]
+    calib = Calibration(args.compute_efficiency or DEFAULT_CALIBRATION.compute_efficiency, args.link_efficiency,
+                        DEFAULT_CALIBRATION.hbm_efficiency, args.reserved_gb, device)
     batch = args.global_batch or cfg.train.global_batch
     sp = cfg.parallel.sequence_parallel if args.sequence_parallel is None else args.sequence_parallel
     precision = args.precision or cfg.train.precision
@@ -77,6 +98,9 @@ def _setup(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.calibrate or args.local:
+        from mtnlg.plan.local import run_local
+        return run_local(args)
     cfg, cluster, calib, batch, sp, precision = _setup(args)
     v = args.virtual_stages if args.schedule == "interleaved" else 1
     if args.schedule == "interleaved" and v < 2:

@@ -49,12 +49,17 @@ class Calibration:
     hbm_efficiency: fraction of HBM bandwidth the (memory-bound) Adam step reaches.
     reserved_gb: memory per GPU that the model cannot use: CUDA context,
         NCCL buffers, allocator fragmentation.
+    device: a ``mtnlg.plan.cost.DeviceProfile``; when set, a stage's compute
+        time is the sum of its operations' times (shape-dependent GEMM
+        efficiency, memory-bound kernels, attention) instead of FLOPs at
+        ``compute_efficiency`` of peak.
     """
 
     compute_efficiency: float = 0.5
     link_efficiency: float = 0.8
     hbm_efficiency: float = 0.7
     reserved_gb: float = 4.0
+    device: object = None        # a cost.DeviceProfile: per-operation compute time instead of compute_efficiency
 
 
 DEFAULT_CALIBRATION = Calibration()

@@ -70,7 +70,14 @@ def stage_time(cfg: ModelConfig, cluster: Cluster, calib: Calibration, layout, s
     flops = tokens * n_layers_stage * passes_per_layer(split, L.recompute)
     if stage == L.pp - 1:
         flops += tokens * split["logits_train"]
-    compute = flops / L.tp / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
+    if calib.device is not None:  # per-operation cost model
+        from mtnlg.plan.cost import stage_compute_seconds
+        precision = "fp32" if act_bytes == 4 else "bf16"
+        compute = stage_compute_seconds(cfg, calib.device, micro_batch=L.micro_batch, tp=L.tp,
+                                        layers=n_layers_stage, first=stage == 0, last=stage == L.pp - 1,
+                                        vocab=vocab, precision=precision, recompute=L.recompute)["seconds"]
+    else:
+        compute = flops / L.tp / (cluster.gpu.peak_tflops * 1e12 * calib.compute_efficiency)
 
     # tensor parallel: 2 all-reduces forward and 2 backward per layer (+2 when the forward
     # is recomputed); sequence parallelism swaps each for an all-gather + reduce-scatter

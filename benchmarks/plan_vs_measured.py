@@ -1,0 +1,167 @@
+"""Does the planner predict our own runs?  Predicted vs measured step time and
+per-rank peak memory of real `mtnlg train` runs on this machine.
+
+For each config (tiny, 14m) and layout (1 process, tp=2, dp=2 on gloo) it
+runs the real CLI (`python -m mtnlg train`, or `torchrun` for 2 ranks) on the
+shipped corpus for a few steps, takes the median step time of the steps after
+warm-up from metrics.jsonl and the peak resident memory of the largest rank
+(sampled from /proc while training runs), and prints both next to the cost
+model's prediction from a device profile calibrated on this machine
+(`mtnlg plan --calibrate`, run here first unless --profile is given).
+
+    python benchmarks/plan_vs_measured.py [--configs tiny,14m] [--layouts 1,tp2,dp2] [--steps 8]
+                                          [--profile FILE] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mtnlg.config import load_config  # noqa: E402
+from mtnlg.plan.cost import DeviceProfile, predict_memory, predict_step  # noqa: E402
+
+CONFIGS = {
+    "tiny": ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256",
+             "train.micro_batch=8", "train.global_batch=16"],
+    "14m": ["model.n_layers=6", "model.hidden=384", "model.n_heads=6", "model.seq_len=256",
+            "train.micro_batch=8", "train.global_batch=16"],
+}
+LAYOUTS = {"1": (1, 1), "tp2": (2, 1), "dp2": (1, 2)}
+
+
+def _rss_tree(root_pid: int) -> dict[int, int]:
+    """Resident bytes of every process under root_pid (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/statm") as f:
+                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            children.setdefault(ppid, []).append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = {}, [root_pid]
+    while todo:
+        p = todo.pop()
+        if p in rss:
+            out[p] = rss[p]
+        todo += children.get(p, [])
+    return out
+
+
+def run_measured(name: str, tp: int, dp: int, steps: int, data: str, tok: str, workdir: Path) -> dict:
+    run = workdir / f"{name}-tp{tp}-dp{dp}"
+    sets = CONFIGS[name] + [f"model.vocab_size=8192", f"train.steps={steps}", "train.eval_interval=0",
+                            f"train.save_interval={steps}", "logging.log_interval=1", "logging.progress_bar=\"never\"",
+                            f'data.blend=[[1.0, "{data}"]]', f'data.tokenizer="{tok}"',
+                            f"parallel.tp={tp}", "train.precision=bf16"]
+    args = ["--config", str(ROOT / "configs/tiny.toml"), "--run-dir", str(run)]
+    for s in sets:
+        args += ["--set", s]
+    world = tp * dp
+    if world == 1:
+        cmd = [sys.executable, "-m", "mtnlg", "train"] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               "-m", "mtnlg", "train"] + args
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    peak: dict[int, int] = {}
+    metrics = run / "metrics.jsonl"
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            if metrics.exists() and any(json.loads(l).get("step") == steps for l in metrics.read_text().splitlines()
+                                        if l.strip()):
+                break  # the last step is logged: what follows is the final checkpoint write
+            for pid, b in _rss_tree(proc.pid).items():
+                peak[pid] = max(peak.get(pid, 0), b)
+            time.sleep(0.05)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    recs = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+    times = [r["global_batch"] * 256 / r["tokens_per_s"] for r in recs if r["step"] > 2]
+    # the largest process is a training rank (torchrun's own agent is far smaller)
+    return {"step_s": statistics.median(times), "peak_rss_gb": max(peak.values()) / 1e9 if peak else float("nan")}
+
+
+def ensure_data(workdir: Path) -> tuple[str, str]:
+    prefix = ROOT / "runs/data/sotu"
+    if (Path(str(prefix) + ".bin")).exists():
+        return str(prefix), str(prefix) + ".tokenizer.json"
+    prefix = workdir / "sotu"
+    subprocess.run([sys.executable, "-m", "mtnlg", "preprocess", "--input", str(ROOT / "data/sotu/sotu.jsonl.gz"),
+                    "--output", str(prefix), "--train-tokenizer", "--vocab-size", "8192", "--dedup", "exact",
+                    "--quiet"], check=True, cwd=ROOT)
+    return str(prefix), str(prefix) + ".tokenizer.json"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,14m")
+    p.add_argument("--layouts", default="1,tp2,dp2", help="comma list of: " + ", ".join(LAYOUTS))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--profile", help="device profile JSON (default: calibrate now)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--data", help="dataset PREFIX tokenized with PREFIX.tokenizer.json (default: runs/data/sotu "
+                                  "or a fresh tokenization of the shipped corpus)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        if args.profile:
+            prof = DeviceProfile.load(args.profile)
+        else:
+            from mtnlg.plan.calibrate import calibrate
+            import torch
+            cfgs = [load_config(None, CONFIGS[c] + ["model.vocab_size=8192"]).model for c in args.configs.split(",")]
+            print("calibrating this machine (mtnlg plan --calibrate) ...", flush=True)
+            prof = calibrate(cfgs, 8, torch.device("cpu"))
+        data, tok = (args.data, args.data + ".tokenizer.json") if args.data else ensure_data(work)
+        rows = []
+        head = (f"{'config':<6} {'layout':<6} {'step s (pred)':>13} {'step s (meas)':>13} {'ratio':>6} "
+                f"{'RSS GB (pred)':>13} {'RSS GB (meas)':>13} {'ratio':>6}")
+        print(head)
+        print("-" * len(head), flush=True)
+        for name in args.configs.split(","):
+            cfg = load_config(None, CONFIGS[name] + ["model.vocab_size=8192"])
+            for lay in args.layouts.split(","):
+                tp, dp = LAYOUTS[lay]
+                pred = predict_step(cfg.model, prof, micro_batch=cfg.train.micro_batch,
+                                    global_batch=cfg.train.global_batch, tp=tp, dp=dp, precision="bf16")
+                mem = predict_memory(cfg.model, prof, micro_batch=cfg.train.micro_batch, tp=tp, dp=dp,
+                                     precision="bf16")
+                meas = run_measured(name, tp, dp, args.steps, data, tok, work)
+                row = {"config": name, "layout": lay, "pred_step_s": pred["seconds"], "meas_step_s": meas["step_s"],
+                       "pred_rss_gb": mem["bytes"] / 1e9, "meas_rss_gb": meas["peak_rss_gb"],
+                       "pred_breakdown_s": pred["breakdown_s"]}
+                rows.append(row)
+                print(f"{name:<6} {lay:<6} {row['pred_step_s']:>13.3f} {row['meas_step_s']:>13.3f} "
+                      f"{row['pred_step_s'] / row['meas_step_s']:>6.2f} {row['pred_rss_gb']:>13.3f} "
+                      f"{row['meas_rss_gb']:>13.3f} {row['pred_rss_gb'] / row['meas_rss_gb']:>6.2f}", flush=True)
+        print(f"\nprofile: {prof.name}, {prof.source}; ratio = predicted / measured")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"profile": json.loads(prof.to_json()), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Measured performance: where a training step's time goes (``breakdown``)."""

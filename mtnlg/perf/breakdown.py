@@ -1,0 +1,156 @@
+"""Where a training step's time goes, by class of operation, from torch.profiler.
+
+Every profiler event is attributed by its *self* time (time inside the op,
+excluding ops it called), so the classes add up without double counting:
+
+    gemm           mm / addmm / bmm / linear's matmuls (forward and backward)
+    attention      scaled-dot-product attention kernels (forward and backward)
+    norm/elementwise  LayerNorm, GeLU, adds, copies, casts, dropout, embedding
+    softmax/loss   log-softmax, NLL / cross-entropy and their backward
+    optimizer      AdamW, gradient clipping, master-weight copies, zero_grad
+    communication  collectives and point-to-point (gloo / NCCL)
+    data           reading and stacking the batch
+    other          everything else the profiler saw (autograd bookkeeping, Python)
+    idle           step wall time the profiler saw no op in: Python overhead,
+                   waiting for other ranks (the pipeline bubble), allocator
+
+On CUDA the same table uses device (kernel) time where it exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+CLASSES = ("gemm", "attention", "norm/elementwise", "softmax/loss", "optimizer", "communication", "data",
+           "other", "idle")
+
+_RULES = [
+    ("communication", ("c10d", "gloo", "nccl", "allreduce", "all_reduce", "allgather", "all_gather",
+                       "reduce_scatter", "reducescatter", "broadcast", "send", "recv", "barrier")),
+    ("data", ("mtnlg::data",)),
+    ("optimizer", ("optimizer", "adam", "_foreach", "clip_grad", "mtnlg::optimizer", "zero_grad")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa", "cudnn_attention")),
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "gemm", "cutlass", "sm90_", "sm80_", "ampere_", "mkldnn_matmul", "aten::_addmm")),
+    ("softmax/loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("norm/elementwise", ("layer_norm", "gelu", "aten::add", "aten::mul", "aten::copy", "aten::to", "_to_copy",
+                          "aten::div", "aten::sub", "dropout", "embedding", "aten::cat", "aten::clone",
+                          "aten::contiguous", "aten::fill", "aten::zero", "aten::sum", "aten::tanh", "aten::pow",
+                          "elementwise", "vectorized", "aten::where", "aten::index", "aten::masked",
+                          "aten::transpose", "aten::view", "aten::reshape", "aten::split", "aten::empty",
+                          "aten::t", "aten::permute", "aten::expand", "aten::slice", "aten::select",
+                          "aten::unsqueeze", "aten::squeeze", "aten::as_strided", "aten::detach",
+                          "aten::ones", "aten::zeros", "aten::arange", "aten::stack", "aten::resize",
+                          "aten::flatten", "aten::unbind", "aten::native", "aten::_unsafe_view")),
+]
+
+
+def classify(name: str) -> str:
+    """The class of a profiler event name (case-insensitive substring rules, first match wins)."""
+    low = name.lower()
+    for cls, keys in _RULES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+LABELS = {"mtnlg::data": "data", "mtnlg::optimizer": "optimizer"}
+_MISSING = object()
+
+
+def _labelled_ancestor(e) -> str | None:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name in LABELS:
+            return LABELS[p.name]
+        if p.name.startswith("Optimizer."):
+            return "optimizer"
+        p = p.cpu_parent
+    return None
+
+
+def tally(events, use_device: bool = False) -> dict[str, float]:
+    """Seconds of self time per class over profiler events (``prof.events()``): an event
+    inside a labelled region (data, optimizer) counts for that region, any other by its name."""
+    out = {c: 0.0 for c in CLASSES}
+    for e in events:
+        us = (getattr(e, "self_device_time_total", 0) if use_device else 0) or e.self_cpu_time_total
+        if not us:
+            continue
+        name = getattr(e, "name", None) or e.key
+        cls = LABELS.get(name) or (_labelled_ancestor(e) if hasattr(e, "cpu_parent") else None) or classify(name)
+        out[cls] += us / 1e6
+    return out
+
+
+@contextlib.contextmanager
+def labelled(trainer):
+    """Label the trainer's data reads and optimizer work (step, clipping, master-weight
+    copies and fp32 gradient accumulation) so their kernels land in their classes."""
+    patches = [(trainer, "_batch", "mtnlg::data"), (trainer.optimizer, "step", "mtnlg::optimizer"),
+               (getattr(trainer, "topo", None), "clip_grad_norm", "mtnlg::optimizer")]
+    master = getattr(trainer, "master", None)
+    if master is not None:
+        patches += [(master, "master_to_model", "mtnlg::optimizer"), (master, "accumulate_grads", "mtnlg::optimizer")]
+    saved = []
+    for obj, attr, label in patches:
+        if obj is None or not hasattr(obj, attr):
+            continue
+        fn = getattr(obj, attr)
+
+        def wrapped(*a, _fn=fn, _label=label, **k):
+            with record_function(_label):
+                return _fn(*a, **k)
+        saved.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+        setattr(obj, attr, wrapped)
+    try:
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+def profile_steps(trainer, steps: int = 3, warmup: int = 1, trace: str | Path | None = None) -> dict:
+    """Run ``warmup`` + ``steps`` training steps, profile the last ``steps``;
+    return seconds per step by class (they add up to the measured wall time)."""
+    cuda = trainer.device.type == "cuda"
+    for _ in range(warmup):
+        trainer.train_step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with labelled(trainer), profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(str(trace))
+    per = {k: v / steps for k, v in tally(prof.events(), use_device=cuda).items()}
+    busy = sum(per.values())
+    per["idle"] = max(0.0, wall / steps - busy)
+    return {"wall_s": wall / steps, "classes_s": per}
+
+
+def format_table(result: dict, predicted: dict | None = None) -> str:
+    """Measured seconds per step by class (and a prediction beside it, if given)."""
+    wall = result["wall_s"]
+    head = f"{'class':<18} {'ms/step':>9} {'share':>7}" + (f" {'predicted ms':>13}" if predicted else "")
+    lines = [head, "-" * len(head)]
+    for c in CLASSES:
+        s = result["classes_s"][c]
+        row = f"{c:<18} {1e3 * s:>9.1f} {100 * s / wall:>6.1f}%"
+        if predicted:
+            p = predicted.get(c)
+            row += f" {'' if p is None else f'{1e3 * p:.1f}':>13}"
+        lines.append(row)
+    lines.append(f"{'step (wall)':<18} {1e3 * wall:>9.1f} {100.0:>6.1f}%" +
+                 (f" {1e3 * sum(v for v in predicted.values() if v):>13.1f}" if predicted else ""))
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""``mtnlg plan --calibrate``: time this machine's operations and save a device
+profile for the cost model (``cost.py``).
+
+What is timed, for one thread and for every core (CPU) or on the GPU:
+* GEMMs at the model's own shapes (forward, input- and weight-gradient of
+  every weight matrix, from ``cost.step_ops``) plus a sweep of square and
+  skinny shapes; the roofline ``t = 2mkn/P + bytes/W + t0`` is fitted to them
+  by least squares on relative error;
+* the attention core (SDPA forward + backward) at the models' shapes;
+* elementwise streaming bandwidth (an add of large tensors) and the dispatch
+  cost of one small autograd op;
+* the optimizer path of the trainer (AdamW on fp32 master weights, gradient
+  clipping, copy back to bf16) per parameter;
+* gloo all-reduce between two processes (latency and bandwidth);
+* the resident memory of a process that has imported torch and mtnlg.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtnlg.config import ModelConfig
+from mtnlg.plan.cost import DeviceProfile, Rates, step_ops
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: torch.device, budget_s: float = 0.05, min_reps: int = 3) -> float:
+    """Best-of-repeats seconds per call (the minimum is the least noisy estimator on a shared machine)."""
+    fn()
+    _sync(device)
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < min_reps or spent < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+        if reps >= 200:
+            break
+    return best
+
+
+def gemm_shapes(cfgs: list[ModelConfig], micro_batch: int, tps: tuple[int, ...] = (1, 2)) -> list[tuple]:
+    shapes = set()
+    for cfg in cfgs:
+        for tp in tps:
+            if cfg.n_heads % tp:
+                continue
+            for op in step_ops(cfg, micro_batch, 1, tp=tp, layers=1):
+                if op.category == "gemm":
+                    shapes.add(op.shape)
+    sweep = [(n, n, n) for n in (64, 128, 256, 512, 1024)] + [(2048, 64, 256), (2048, 256, 64), (256, 2048, 256)]
+    return sorted(shapes) + sweep
+
+
+def _fit(F_, B_, t):
+    """Least squares on relative error of t = a·F + b·B + c, dropping terms that go negative."""
+    cols = {"flops": F_, "bytes": B_, "one": np.ones_like(t)}
+    active = list(cols)
+    while True:
+        A = np.stack([cols[c] / t for c in active], axis=1)
+        coef, *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        neg = [c for c, v in zip(active, coef) if v <= 0 and c != "flops"]
+        if not neg:
+            break
+        active.remove(neg[0])
+    got = dict(zip(active, coef))
+    pred = got["flops"] * F_ + got.get("bytes", 0.0) * B_ + got.get("one", 0.0)
+    return got, float(np.max(np.abs(pred / t - 1)))
+
+
+def fit_roofline(shapes: list[tuple], seconds: list[float], dtype_bytes: int) -> tuple[float, float, float, float]:
+    """(P TFLOP/s, W GB/s, t0 us, C MB) minimising the worst relative error over a grid of
+    cache sizes C; a machine where streaming never limits a GEMM gets W = inf."""
+    F_ = np.array([2.0 * m * k * n for m, k, n in shapes])
+    raw = np.array([dtype_bytes * (m * k + k * n + m * n) for m, k, n in shapes], dtype=float)
+    t = np.array(seconds)
+    best = None
+    for C in [0.0] + list(np.geomspace(0.25e6, 64e6, 25)):
+        got, err = _fit(F_, np.maximum(0.0, raw - C), t)
+        if best is None or err < best[0]:
+            best = (err, got, C)
+    _, got, C = best
+    P = 1.0 / got["flops"] / 1e12
+    W = 1.0 / got["bytes"] / 1e9 if got.get("bytes", 0) > 0 else 1e9
+    return P, W, got.get("one", 0.0) * 1e6, C / 1e6
+
+
+def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, device: torch.device,
+                  precision: str = "bf16", budget_s: float = 0.05, log=print) -> tuple[Rates, dict]:
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    dt = DTYPES["fp32" if precision == "fp32" else "bf16"]
+    ab = 4 if dt == torch.float32 else 2
+    shapes = gemm_shapes(cfgs, micro_batch)
+    secs = []
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dt, device=device)
+        b = torch.randn(k, n, dtype=dt, device=device)
+        secs.append(time_call(lambda: a @ b, device, budget_s))
+    P, W, t0, C = fit_roofline(shapes, secs, ab)
+    fp32 = 0.0
+    if dt != torch.float32:
+        big = [s for s in shapes if s[0] * s[1] * s[2] >= 2 ** 24][:4]
+        rates = []
+        for m, k, n in big:
+            a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+            rates.append(2.0 * m * k * n / time_call(lambda: a @ b, device, budget_s) / 1e12)
+        fp32 = max(rates) if rates else 0.0
+
+    attn = []
+    for cfg in cfgs:
+        B, H, s, d = micro_batch, cfg.n_heads, cfg.seq_len, cfg.head_dim
+        q, k, v = (torch.randn(B, H, s, d, dtype=dt, device=device, requires_grad=True) for _ in range(3))
+        g = torch.randn(B, H, s, d, dtype=dt, device=device)
+
+        def fwd_bwd():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.backward(g)
+        sec = time_call(fwd_bwd, device, budget_s)
+        attn.append(3 * 4.0 * B * s * s * H * d / sec / 1e12)
+
+    n = 1 << 22
+    x, y, z = (torch.randn(n, dtype=dt, device=device) for _ in range(3))
+    mem = 3 * n * ab / time_call(lambda: torch.add(x, y, out=z), device, budget_s) / 1e9
+    small = torch.randn(16, device=device, requires_grad=True)
+
+    def chain():
+        h = small
+        for _ in range(50):
+            h = h * 1.0001
+        h.sum().backward()
+    overhead = time_call(chain, device, budget_s) / 100 * 1e6
+
+    optim = optimizer_ns_per_param(device, precision, budget_s)
+    r = Rates(gemm_tflops=P, gemm_gbps=W, gemm_overhead_us=t0, attn_tflops=float(np.median(attn)),
+              mem_gbps=mem, op_overhead_us=overhead, optim_ns_per_param=optim, fp32_gemm_tflops=fp32,
+              gemm_cache_mb=C)
+    fitted = [gemm_seconds_rel(s, t, r, ab) for s, t in zip(shapes, secs)]
+    detail = {"gemm_shapes": [list(s) for s in shapes], "gemm_seconds": secs,
+              "gemm_fit_rel_error_max": max(abs(e) for e in fitted)}
+    log(f"  threads {threads}: GEMM P {P:.3f} TFLOP/s, W {W:.1f} GB/s beyond {C:.1f} MB, t0 {t0:.1f} us "
+        f"(fit within {100 * detail['gemm_fit_rel_error_max']:.0f}%), attention {r.attn_tflops:.3f} TFLOP/s, "
+        f"memory {mem:.1f} GB/s, op {overhead:.1f} us, optimizer {optim:.2f} ns/param")
+    return r, detail
+
+
+def gemm_seconds_rel(shape, measured: float, r: Rates, ab: int) -> float:
+    from mtnlg.plan.cost import gemm_seconds
+    return gemm_seconds(*shape, r, ab) / measured - 1
+
+
+def optimizer_ns_per_param(device: torch.device, precision: str, budget_s: float) -> float:
+    """The trainer's per-step optimizer path on 2M parameters in model-like tensors."""
+    from mtnlg.train.precision import MasterWeights, param_dtype
+    shapes = [(1024, 512)] * 3 + [(512,)] * 8 + [(256, 1024)] * 2
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(param_dtype(precision))) for s in shapes]
+    master = MasterWeights(params) if precision == "bf16" else None
+    opt_params = master.params if master else params
+    for p in opt_params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(opt_params, lr=1e-4, weight_decay=0.1, foreach=True)
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(opt_params, 1.0)
+        opt.step()
+        if master:
+            master.master_to_model()
+    n = sum(p.numel() for p in opt_params)
+    return time_call(step, device, budget_s) / n * 1e9
+
+
+def _gloo_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    out = []
+    for nbytes in (1 << 12, 1 << 16, 1 << 20, 1 << 23):
+        t = torch.zeros(nbytes // 4)
+        for _ in range(3):
+            dist.all_reduce(t)
+        best = float("inf")
+        for _ in range(10):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            best = min(best, time.perf_counter() - t0)
+        out.append((nbytes, best))
+    if rank == 0:
+        queue.put(out)
+    dist.destroy_process_group()
+
+
+def measure_link(world: int = 2) -> tuple[float, float]:
+    """(bus GB/s, latency us per ring step) of a gloo all-reduce on this machine."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(_gloo_worker, args=(world, port, q), nprocs=world, start_method="spawn")
+    rows = q.get()
+    # t = 2(n-1)/n · bytes / bw + 2(n-1) · lat
+    A = np.array([[2 * (world - 1) / world * b, 2 * (world - 1)] for b, _ in rows])
+    t = np.array([s for _, s in rows])
+    (inv_bw, lat), *_ = np.linalg.lstsq(A / t[:, None], np.ones_like(t), rcond=None)
+    return 1.0 / max(inv_bw, 1e-15) / 1e9, max(lat, 0.0) * 1e6
+
+
+def baseline_rss_gb() -> float:
+    """Resident memory of a fresh process that imported torch and the trainer."""
+    code = ("import resource, torch, mtnlg.train.trainer, mtnlg.model.gpt;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.split()[-1]) * 1024 / 1e9
+
+
+def calibrate(cfgs: list[ModelConfig], micro_batch: int, device: torch.device, precision: str = "bf16",
+              budget_s: float = 0.05, link: bool = True, log=print) -> DeviceProfile:
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            pass
+        threads = sorted({1, cores})
+    else:
+        threads = [1]
+    old = torch.get_num_threads()
+    rates, details = {}, {}
+    try:
+        for t in threads:
+            rates[t], details[str(t)] = measure_rates(cfgs, micro_batch, t, device, precision, budget_s, log)
+    finally:
+        torch.set_num_threads(old)
+    bw, lat = measure_link() if link and device.type == "cpu" else (0.0, 0.0)
+    if link and device.type == "cpu":
+        log(f"  gloo all-reduce: {bw:.2f} GB/s, {lat:.0f} us per ring step")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return DeviceProfile(name=name, source=f"measured {when} on {socket.gethostname()} ({device.type}, {precision})",
+                         rates=rates, link_gbps=bw, link_latency_us=lat,
+                         baseline_rss_gb=baseline_rss_gb() if device.type == "cpu" else 0.0,
+                         cores=cores, extra={"precision": precision, "details": details})

@@ -1,0 +1,306 @@
+"""A cost model per operation: what one training step of one rank spends on
+GEMMs, attention, memory-bound kernels, the loss, the optimizer and
+communication, from a *device profile*.
+
+GEMMs follow an additive roofline with a cache knee,
+
+    t(m, k, n) = 2mkn / P + max(0, bytes(m, k, n) - C) / W + t0,
+
+with P the in-cache matrix rate, C the operand bytes that stay in cache, W
+the bandwidth the excess streams at and t0 the fixed cost of one call (on a
+GPU C = 0 and W is HBM); efficiency = (2mkn / t) / P
+therefore grows with the shape (a bigger hidden size does more FLOPs per
+byte and per call), as cuBLAS and oneDNN do.  Memory-bound operations
+(LayerNorm, GeLU, residual adds, copies, cross-entropy) cost bytes moved over
+the streaming bandwidth plus a dispatch overhead per kernel; the attention
+core runs at its own rate (a flash kernel's FLOP rate at the model's head
+size); the optimizer costs a measured time per parameter; collectives are
+ring algorithms with a per-message latency.
+
+A profile comes from ``mtnlg plan --calibrate`` (timed here: the model's own
+GEMM shapes plus a sweep, SDPA, elementwise bandwidth, AdamW, gloo
+collectives, see ``calibrate.py``) or from a GPU datasheet (``GPU_PROFILES``,
+documented in docs/plan.md).  The op list mirrors ``mtnlg/model/gpt.py`` and
+the trainer's step; FLOPs agree with ``mtnlg.model.flops`` (tested).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from mtnlg.config import ModelConfig
+from mtnlg.errors import UserError
+
+CATEGORIES = ("gemm", "attention", "elementwise", "loss", "optimizer", "communication")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one rank achieves with a given number of threads (CPU) or on one GPU."""
+    gemm_tflops: float          # P: asymptotic GEMM rate in the training dtype
+    gemm_gbps: float            # W: operand streaming bandwidth of a GEMM
+    gemm_overhead_us: float     # t0 per GEMM call
+    attn_tflops: float          # attention core (SDPA fwd+bwd) FLOP rate, flops counted as in model.flops
+    mem_gbps: float             # streaming bandwidth of elementwise kernels
+    op_overhead_us: float       # dispatch cost of one elementwise kernel / autograd node
+    optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter
+    fp32_gemm_tflops: float = 0.0   # fp32 GEMM rate, for train.precision=fp32 (0: same as gemm_tflops)
+    gemm_cache_mb: float = 0.0      # operand bytes a GEMM keeps in cache; only the excess streams at W
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    source: str                           # "measured <date> on <host>" or "datasheet: ..."
+    rates: dict[int, Rates]               # threads per rank -> rates (GPUs: {1: ...})
+    link_gbps: float = 0.0                # collective bus bandwidth between ranks (per direction)
+    link_latency_us: float = 0.0          # per ring step
+    baseline_rss_gb: float = 0.0          # CPU: resident memory of a process with torch + mtnlg loaded
+    cores: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def rates_for(self, ranks_per_device: int = 1) -> Rates:
+        """Rates of one rank when ``ranks_per_device`` ranks share this device's cores."""
+        threads = max(1, self.cores // max(1, ranks_per_device))
+        best = min(self.rates, key=lambda t: (abs(t - threads), -t))
+        return self.rates[best]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["rates"] = {str(k): v for k, v in d["rates"].items()}
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "profile") -> "DeviceProfile":
+        try:
+            d = json.loads(text)
+            known = {f.name for f in fields(Rates)}
+            d["rates"] = {int(k): Rates(**{a: b for a, b in v.items() if a in known}) for k, v in d["rates"].items()}
+            return cls(**d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{origin} is not a device profile ({e}); write one with `mtnlg plan --calibrate`")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeviceProfile":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"device profile {p} does not exist; write one with `mtnlg plan --calibrate --out {p}`")
+        return cls.from_json(p.read_text(), str(p))
+
+
+def _gpu(name: str, peak: float, gemm_eff: float, attn_eff: float, hbm: float, nvlink: float) -> DeviceProfile:
+    # Adam on the fp32 master state touches ~72 bytes per parameter (multi-pass foreach kernels),
+    # at 80 % of HBM bandwidth; kernel launches ~5 us.
+    rates = Rates(gemm_tflops=peak * gemm_eff, gemm_gbps=0.8 * hbm, gemm_overhead_us=5.0,
+                  attn_tflops=peak * attn_eff, mem_gbps=0.8 * hbm, op_overhead_us=5.0,
+                  optim_ns_per_param=72 / (0.8 * hbm), fp32_gemm_tflops=peak / 16)
+    return DeviceProfile(name, "datasheet (docs/plan.md#device-profiles)", {1: rates}, link_gbps=0.8 * nvlink,
+                         link_latency_us=10.0)
+
+
+# Datasheet profiles.  gemm efficiency: sustained fraction of the dense bf16 peak on large
+# transformer GEMMs; attention: the fused softmax/attention path of the era the profile
+# describes (see docs/plan.md for sources and how sensitive the MT-NLG table is to them).
+GPU_PROFILES: dict[str, DeviceProfile] = {
+    "a100-40gb": _gpu("a100-40gb", 312, 0.62, 0.30, 1555, 300),
+    "a100-80gb": _gpu("a100-80gb", 312, 0.62, 0.30, 2039, 300),
+    "h100-80gb": _gpu("h100-80gb", 989, 0.62, 0.40, 3350, 450),
+    "h200-141gb": _gpu("h200-141gb", 989, 0.62, 0.40, 4800, 450),
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    category: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    shape: tuple[int, int, int] | None = None   # (m, k, n) of a GEMM
+    count: int = 1                               # kernels this op launches
+
+
+def gemm_seconds(m: int, k: int, n: int, r: Rates, dtype_bytes: int = 2) -> float:
+    flops = 2.0 * m * k * n
+    nbytes = max(0.0, dtype_bytes * (m * k + k * n + m * n) - r.gemm_cache_mb * 1e6)
+    rate = r.gemm_tflops if dtype_bytes == 2 or not r.fp32_gemm_tflops else r.fp32_gemm_tflops
+    return flops / (rate * 1e12) + nbytes / (r.gemm_gbps * 1e9) + r.gemm_overhead_us * 1e-6
+
+
+def gemm_efficiency(m: int, k: int, n: int, r: Rates, dtype_bytes: int = 2) -> float:
+    """Achieved fraction of the asymptotic GEMM rate at this shape."""
+    rate = r.gemm_tflops if dtype_bytes == 2 or not r.fp32_gemm_tflops else r.fp32_gemm_tflops
+    return 2.0 * m * k * n / gemm_seconds(m, k, n, r, dtype_bytes) / (rate * 1e12)
+
+
+def _gemm(name: str, m: int, k: int, n: int, ab: int) -> list[Op]:
+    """A weight GEMM's forward, input-gradient and weight-gradient products."""
+    out = []
+    for suffix, (a, b, c) in (("fwd", (m, k, n)), ("dgrad", (m, n, k)), ("wgrad", (k, m, n))):
+        out.append(Op(f"{name}.{suffix}", "gemm", 2.0 * a * b * c, ab * (a * b + b * c + a * c), (a, b, c)))
+    return out
+
+
+def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, layers: int | None = None,
+             first: bool = True, last: bool = True, vocab: int | None = None, precision: str = "bf16",
+             recompute: str = "none") -> list[Op]:
+    """Every operation one rank runs in one training step (all micro-batches,
+    forward + backward, then the optimizer), excluding communication."""
+    V = vocab or cfg.padded_vocab(tp)
+    L = cfg.n_layers if layers is None else layers
+    T, s, h, f = micro_batch * cfg.seq_len, cfg.seq_len, cfg.hidden, cfg.ffn
+    ab = 4 if precision == "fp32" else 2
+    drop = cfg.dropout > 0
+    layer: list[Op] = []
+    layer += _gemm("qkv", T, h, 3 * h // tp, ab) + _gemm("attn_proj", T, h // tp, h, ab)
+    layer += _gemm("mlp_fc", T, h, f // tp, ab) + _gemm("mlp_proj", T, f // tp, h, ab)
+    attn_fwd = 4.0 * T * s * h / tp            # QK^T and AV over the full s x s matrix (model.flops convention)
+    layer.append(Op("attention_core", "attention", 3 * attn_fwd, 0.0, count=2))
+    # memory-bound kernels, forward bytes x 3 for forward + backward (backward reads the
+    # gradient and the saved input and writes the input gradient)
+    Tha = T * h * ab
+    ew = [("layernorm", 2 * 2 * Tha, 2), ("residual_add", 2 * 3 * Tha, 2), ("qkv_layout", 2 * 3 * Tha / tp, 3),
+          ("attn_out_layout", 2 * Tha / tp, 1), ("gelu", 2 * T * f // tp * ab, 1)]
+    if drop:
+        ew += [("dropout", 2 * 3 * Tha, 2)]
+    for name, nbytes, count in ew:
+        layer.append(Op(name, "elementwise", 0.0, 3 * nbytes, count=3 * count))
+    if recompute in ("full", "selective"):  # one more forward of the layer (or of its attention core)
+        extra = []
+        for o in layer:
+            if recompute == "selective" and o.category != "attention":
+                continue
+            if o.category == "gemm":
+                if o.name.endswith(".fwd"):
+                    extra.append(replace(o, name=o.name + ".recompute"))
+            else:
+                extra.append(Op(o.name + ".recompute", o.category, o.flops / 3, o.bytes / 3, None,
+                                max(1, o.count // 3)))
+        layer += extra
+    ops = [Op(o.name, o.category, o.flops * L * n_micro, o.bytes * L * n_micro, o.shape, o.count * L * n_micro)
+           for o in layer]
+    if first:
+        ops.append(Op("embedding", "elementwise", 0.0, n_micro * 3 * 3 * Tha, count=n_micro * 6))
+    if last:
+        ops.append(Op("final_layernorm", "elementwise", 0.0, n_micro * 3 * 2 * Tha, count=n_micro * 3))
+        ops += [Op(o.name, o.category, o.flops * n_micro, o.bytes * n_micro, o.shape, n_micro)
+                for o in _gemm("lm_head", T, h, V // tp, ab)]
+        # cross-entropy in fp32 row chunks: read logits, fp32 copy, log-softmax; backward writes
+        # the fp32 gradient and casts it to the logits' dtype
+        ops.append(Op("cross_entropy", "loss", 0.0, n_micro * T * V / tp * (3 * ab + 20), count=n_micro * 8))
+    return ops
+
+
+def local_params(cfg: ModelConfig, tp: int = 1, layers: int | None = None, first: bool = True,
+                 last: bool = True, vocab: int | None = None) -> int:
+    """Parameters one rank updates (the planner's per-rank count)."""
+    from mtnlg.plan.memory import layer_params_local
+    V = vocab or cfg.padded_vocab(tp)
+    L = cfg.n_layers if layers is None else layers
+    n = L * layer_params_local(cfg, tp)
+    if first or last:
+        n += V * cfg.hidden // tp
+    if first:
+        n += cfg.seq_len * cfg.hidden
+    if last:
+        n += 2 * cfg.hidden
+    return n
+
+
+def op_seconds(op: Op, r: Rates, precision: str = "bf16") -> float:
+    ab = 4 if precision == "fp32" else 2
+    if op.category == "gemm":
+        m, k, n = op.shape
+        per = gemm_seconds(m, k, n, r, ab)
+        return per * op.flops / (2.0 * m * k * n)
+    if op.category == "attention":
+        return op.flops / (r.attn_tflops * 1e12) + op.count * r.op_overhead_us * 1e-6
+    return op.bytes / (r.mem_gbps * 1e9) + op.count * r.op_overhead_us * 1e-6
+
+
+def all_reduce_seconds(nbytes: float, n: int, gbps: float, latency_us: float) -> float:
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / (gbps * 1e9) + 2 * (n - 1) * latency_us * 1e-6
+
+
+def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, global_batch: int,
+                 tp: int = 1, dp: int = 1, precision: str = "bf16", recompute: str = "none",
+                 ranks_per_device: int | None = None, sequence_parallel: bool = False) -> dict:
+    """Seconds of one training step on one rank (tp x dp, no pipeline), by category."""
+    if global_batch % (micro_batch * dp):
+        raise UserError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} x dp {dp}")
+    n_micro = global_batch // (micro_batch * dp)
+    r = profile.rates_for(ranks_per_device if ranks_per_device is not None else tp * dp)
+    out = {c: 0.0 for c in CATEGORIES}
+    ops = step_ops(cfg, micro_batch, n_micro, tp=tp, precision=precision, recompute=recompute)
+    for op in ops:
+        out[op.category] += op_seconds(op, r, precision)
+    n_params = local_params(cfg, tp)
+    out["optimizer"] += n_params * r.optim_ns_per_param * 1e-9
+    ab = 4 if precision == "fp32" else 2
+    act = micro_batch * cfg.seq_len * cfg.hidden * ab
+    if tp > 1:  # 2 all-reduces forward + 2 backward per layer, 1 at the embedding, 1 at the head
+        n_coll = n_micro * (4 * cfg.n_layers + 2)
+        out["communication"] += n_coll * all_reduce_seconds(act, tp, profile.link_gbps, profile.link_latency_us)
+    if dp > 1:  # one gradient all-reduce per step, in the gradients' dtype (fp32 master grads for bf16)
+        out["communication"] += all_reduce_seconds(4 * n_params, dp, profile.link_gbps, profile.link_latency_us)
+    total = sum(out.values())
+    flops = sum(o.flops for o in ops)
+    return {"seconds": total, "breakdown_s": out, "flops": flops, "microbatches": n_micro,
+            "tokens": global_batch * cfg.seq_len, "params_local": n_params}
+
+
+def stage_compute_seconds(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, tp: int, layers: int,
+                          first: bool, last: bool, vocab: int, precision: str, recompute: str) -> dict:
+    """One micro-batch's forward + backward on one rank of a pipeline stage, by category
+    (the planner's per-slot compute; communication is the planner's)."""
+    r = profile.rates_for(1)
+    ops = step_ops(cfg, micro_batch, 1, tp=tp, layers=layers, first=first, last=last, vocab=vocab,
+                   precision=precision, recompute=recompute)
+    out = {c: 0.0 for c in CATEGORIES}
+    for op in ops:
+        out[op.category] += op_seconds(op, r, precision)
+    return {"seconds": sum(out.values()), "breakdown_s": out, "flops": sum(o.flops for o in ops)}
+
+
+def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_batch: int, tp: int = 1, dp: int = 1,
+                   zero: int = 0, precision: str = "bf16") -> dict:
+    """Peak bytes of one rank of a tp x dp run (no pipeline) on a CPU, by part.
+
+    States per local parameter: weights and gradients in the parameter dtype, plus
+    (bf16) an fp32 master copy and its fp32 gradient, plus Adam's two moments,
+    plus one fp32 temporary of the foreach AdamW step; ZeRO shards as in
+    ``plan.memory``.  Activations of one micro-batch (the trainer accumulates
+    micro-batches one at a time): per layer 32·s·b·h bytes in 16-bit
+    (Korthikanti et al.'s 34·s·b·h less the two dropout masks, which dropout 0
+    does not keep, and no score matrix: SDPA's flash kernel keeps only the
+    log-sum-exp), doubled in fp32; the logits in the parameter dtype, the
+    loss's fp32 log-softmax of every row chunk and, in backward, the fp32
+    gradient and its cast.  Plus the process's resident baseline (torch, mtnlg)."""
+    n = local_params(cfg, tp)
+    ab = 4 if precision == "fp32" else 2
+    w = g = 2 if precision == "bf16" else 4
+    master = 8 if precision == "bf16" else 0
+    adam = 8
+    shard_w = dp if zero >= 3 else 1
+    shard_g = dp if zero >= 2 else 1
+    shard_o = dp if zero >= 1 else 1
+    parts = {
+        "weights": n * w / shard_w,
+        "gradients": n * g / shard_g + (n * 4 / shard_g if precision == "bf16" else 0),
+        "optimizer": n * (master / 2 + adam) / shard_o + n * 4 / shard_o,
+    }
+    T, h = micro_batch * cfg.seq_len, cfg.hidden
+    V = cfg.padded_vocab(tp)
+    sbh = T * h
+    parts["activations"] = cfg.n_layers * sbh * 16 * ab * _tp_act_factor(tp)
+    parts["logits_and_loss"] = T * V / tp * (ab + 4 + ab)
+    parts["baseline"] = (profile.baseline_rss_gb * 1e9) if profile else 0.0
+    return {"bytes": sum(parts.values()), "parts": parts}
+
+
+def _tp_act_factor(tp: int) -> float:
+    """Fraction of a layer's activations one tensor-parallel rank keeps (no sequence
+    parallelism): Korthikanti's (10 + 24/t) / 34 with the dropout masks removed."""
+    return (10 + 22 / tp) / 32

@@ -1,0 +1,59 @@
+"""The step-time breakdown: classification rules and a real profiled step."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtnlg.config import load_config
+from mtnlg.model.gpt import build_model
+from mtnlg.perf.breakdown import CLASSES, classify, format_table, profile_steps
+from mtnlg.train.precision import param_dtype
+from mtnlg.train.trainer import Trainer
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::bmm", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::native_layer_norm", "norm/elementwise"), ("aten::gelu_backward", "norm/elementwise"),
+    ("aten::_log_softmax", "softmax/loss"), ("aten::nll_loss_forward", "softmax/loss"),
+    ("aten::_foreach_addcdiv_", "optimizer"), ("c10d::allreduce_", "communication"),
+    ("gloo:all_reduce", "communication"), ("Optimizer.step#AdamW.step", "optimizer"),
+    ("something_unknown", "other"),
+])
+def test_classify(name, cls):
+    assert classify(name) == cls
+
+
+class Tokens:
+    def __init__(self, n, s, v):
+        self.a = np.random.default_rng(0).integers(0, v, size=(n, s + 1))
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, i):
+        return self.a[i]
+
+
+def test_profiled_step_adds_up_and_classifies_the_heavy_ops(tmp_path):
+    cfg = load_config(None, ["model.n_layers=2", "model.hidden=128", "model.n_heads=2", "model.seq_len=64",
+                             "model.vocab_size=512", "train.micro_batch=4", "train.global_batch=8",
+                             "train.precision=bf16", "train.steps=10", "train.eval_interval=0"])
+    model = build_model(cfg.model, "cpu", seed=0).to(param_dtype("bf16"))
+    data = Tokens(64, 64, 512)
+    trainer = Trainer(cfg, model, data, data, Path(tmp_path), torch.device("cpu"))
+    trace = tmp_path / "trace.json"
+    r = profile_steps(trainer, steps=2, warmup=1, trace=trace)
+    per = r["classes_s"]
+    assert set(per) == set(CLASSES)
+    assert sum(per.values()) == pytest.approx(r["wall_s"], rel=0.02)
+    # every heavy class shows up; unclassified kernels stay a small remainder
+    for c in ("gemm", "attention", "norm/elementwise", "softmax/loss", "optimizer", "data"):
+        assert per[c] > 0, c
+    assert per["other"] < 0.25 * r["wall_s"]
+    assert trace.stat().st_size > 1000
+    table = format_table(r, {"gemm": per["gemm"]})
+    assert "gemm" in table and "step (wall)" in table
+    # the patched methods are restored
+    assert "_batch" not in trainer.__dict__ and "step" not in trainer.optimizer.__dict__
