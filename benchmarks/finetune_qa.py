@@ -78,18 +78,19 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def score(run_dir: Path, valid: dict[str, list[dict]], limit: int) -> dict:
+def score(run_dir: Path, valid: dict[str, list[dict]], limit: int, max_new_tokens: int, step: int = 0) -> dict:
     import torch
 
     from mtnlg.finetune.evaluate import exact_match, response_loss
     from mtnlg.finetune.template import ChatTemplate, load_chat_template
     from mtnlg.infer.load import load_run
-    _, model, tok = load_run(run_dir, torch.device("cpu"))
+    checkpoint = run_dir / f"checkpoints/step_{step:08d}" if step else None
+    _, model, tok = load_run(run_dir, torch.device("cpu"), checkpoint)
     template = load_chat_template(run_dir) or ChatTemplate()
     out = {}
     for task, records in valid.items():
         loss, n_tok = response_loss(model, tok, records, template)
-        em, preds = exact_match(model, tok, records[:limit], template)
+        em, preds = exact_match(model, tok, records[:limit], template, max_new_tokens)
         out[task] = {"response_loss": loss, "response_tokens": n_tok, "exact_match": em, "em_examples": len(preds),
                      "samples": [{"prediction": p.prediction, "answers": p.answers[:3]} for p in preds[:5]]}
     return out
@@ -99,11 +100,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="runs/tiny", help="pretrained run directory (make train)")
     ap.add_argument("--out", default="runs/finetune_qa")
+    ap.add_argument("--base-step", type=int, default=0, help="checkpoint step of --base (0: its latest)")
     ap.add_argument("--config", default="configs/finetune-tiny.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for mtnlg finetune")
-    ap.add_argument("--trivia-train", type=int, default=3000)
-    ap.add_argument("--trivia-valid", type=int, default=200)
-    ap.add_argument("--em-limit", type=int, default=200, help="held-out examples per task for exact match")
+    ap.add_argument("--trivia-train", type=int, default=2000)
+    ap.add_argument("--trivia-valid", type=int, default=100)
+    ap.add_argument("--em-limit", type=int, default=100, help="held-out examples per task for exact match")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget for exact match")
     args = ap.parse_args()
     base, out = Path(args.base), Path(args.out)
     if not (base / "config.toml").exists():
@@ -117,21 +120,28 @@ def main() -> None:
     valid = {"squad": sq_valid, "triviaqa": tq_valid}
 
     t0 = time.time()
-    before = score(base, valid, args.em_limit)
+    before = score(base, valid, args.em_limit, args.max_new_tokens, args.base_step)
     cmd = [sys.executable, "-m", "mtnlg", "finetune", "--from", str(base), "--data", str(out / "train.jsonl"),
            "--valid", str(out / "valid.jsonl"), "--run", str(out / "run"), "--config", args.config]
+    if args.base_step:
+        cmd += ["--step", str(args.base_step)]
     for o in args.overrides:
         cmd += ["--set", o]
     t1 = time.time()
+    print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     t2 = time.time()
-    after = score(out / "run", valid, args.em_limit)
+    after = score(out / "run", valid, args.em_limit, args.max_new_tokens)
     metrics = [json.loads(line) for line in (out / "run/metrics.jsonl").read_text().splitlines() if line.strip()]
     data = json.loads((out / "run/finetune_data.json").read_text())
+    base_metrics = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    base_step = args.base_step or base_metrics[-1]["step"]
+    base_val = [r["val_loss"] for r in base_metrics if r["step"] <= base_step and "val_loss" in r]
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
-        "torch_threads": __import__("torch").get_num_threads(), "base": str(base), "config": args.config,
-        "overrides": args.overrides, "steps": metrics[-1]["step"], "final_val_loss": metrics[-1].get("val_loss"),
+        "torch_threads": __import__("torch").get_num_threads(), "base": str(base), "base_step": base_step,
+        "base_val_loss": base_val[-1] if base_val else None, "config": args.config,
+        "command": " ".join(sys.argv), "finetune_command": " ".join(cmd[2:]), "steps": metrics[-1]["step"], "final_val_loss": metrics[-1].get("val_loss"),
         "finetune_seconds": round(t2 - t1, 1), "score_seconds": round(time.time() - t2 + t1 - t0, 1),
         "data": data, "before": before, "after": after,
     }
