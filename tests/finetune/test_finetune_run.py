@@ -180,3 +180,18 @@ def test_chat_generation_and_held_out_scores(tmp_path, base_run, qa_file, capsys
     em, preds = evaluate.exact_match(model, tok, recs)
     assert [p.correct for p in preds] == [True, True, False] and preds[0].prediction == "The  Senate."
     assert em == pytest.approx(2 / 3)
+
+
+def test_init_from_a_hugging_face_directory_equals_init_from_the_run(tmp_path, base_run, qa_file):
+    """Export the base run to a Hugging Face GPT-2 directory, fine-tune from that
+    directory: the same weights, hence the same first steps as from the run."""
+    hf = pytest.importorskip("mtnlg.convert.hf")
+    hf.export_run(base_run, tmp_path / "hf")
+    over = ft_overrides(**{"train.steps": 2, "train.eval_interval": 0})
+    assert finetune(tmp_path / "from_run", "--from", base_run, "--data", qa_file, overrides=over) == 0
+    assert finetune(tmp_path / "from_hf", "--from", tmp_path / "hf", "--data", qa_file, overrides=over) == 0
+    a, b = read_metrics(tmp_path / "from_run"), read_metrics(tmp_path / "from_hf")
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["loss_tokens"] == x["loss_tokens"]
+    assert load_config(tmp_path / "from_hf/config.toml").finetune.init == str((tmp_path / "hf").resolve())
+    assert not (tmp_path / "from_hf/init").exists()  # read in place, not copied
