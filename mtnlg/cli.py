@@ -18,6 +18,7 @@ COMMANDS = {
     "finetune": ("mtnlg.finetune.run", "fine-tune a trained model on prompt/response or chat JSONL (loss on replies only)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
     "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
+    "checkpoint": ("mtnlg.train.checkpoint_cmd", "verify checkpoints, or convert old single-file ones to sharded DCP"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
 

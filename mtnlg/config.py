@@ -59,6 +59,10 @@ class ParallelConfig:
     dp: int = _f(0, "data-parallel degree; 0 means world_size / (tp*pp)")
     zero: int = _f(0, "ZeRO sharding over the dp ranks (FSDP2): 0 = plain data parallelism (gradient all-reduce), "
                       "1 = shard optimizer state, 2 = + gradients, 3 = + parameters; see docs/parallel.md")
+    pp_schedule: str = _f("1f1b", "pipeline schedule: gpipe | 1f1b | interleaved (parallel.virtual_stages chunks per rank) "
+                                  "| zb (zero-bubble ZB1P, virtual_stages chunks) | zbv (zero-bubble V, 2 chunks); "
+                                  "steps with fewer micro-batches than stages fall back to a schedule that accepts them")
+    virtual_stages: int = _f(1, "model chunks per pipeline rank for pp_schedule interleaved (>= 2) or zb")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout regions along the sequence (needs tp > 1 to matter)")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     timeout_s: int = _f(1800, "seconds a collective may wait (e.g. for rank 0 writing a checkpoint) before the job fails")
@@ -100,6 +104,7 @@ class TrainConfig:
     eval_batches: int = _f(10, "micro-batches per validation")
     save_interval: int = _f(500, "checkpoint every N steps (always at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    async_save: bool = _f(False, "write checkpoints in a background thread while training continues (committed when the write completes)")
     threads: int = _f(0, "torch intra-op threads on CPU; 0 keeps torch's default")
 
 
@@ -153,8 +158,19 @@ class Config:
             raise UserError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}")
         if m.ffn % p.tp:
             raise UserError(f"parallel.tp={p.tp} must divide the MLP width {m.ffn}")
-        if p.pp > m.n_layers:
-            raise UserError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+        if p.pp_schedule not in PP_SCHEDULES:
+            raise UserError(f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
+        if p.virtual_stages < 1:
+            raise UserError(f"parallel.virtual_stages must be >= 1, got {p.virtual_stages}")
+        if p.virtual_stages > 1 and p.pp_schedule not in ("interleaved", "zb"):
+            raise UserError(f"parallel.virtual_stages={p.virtual_stages} needs parallel.pp_schedule=interleaved or zb "
+                            f"(zbv always uses 2), got {p.pp_schedule!r}")
+        if p.pp_schedule == "interleaved" and p.pp > 1 and p.virtual_stages < 2:
+            raise UserError("parallel.pp_schedule=interleaved needs parallel.virtual_stages >= 2")
+        chunks = 2 if p.pp_schedule == "zbv" else (p.virtual_stages if p.pp_schedule in ("interleaved", "zb") else 1)
+        if p.pp * (chunks if p.pp > 1 else 1) > m.n_layers:
+            raise UserError(f"parallel.pp={p.pp} x {chunks} chunk(s) per rank exceeds model.n_layers={m.n_layers}; "
+                            f"each pipeline stage needs at least one layer")
         if p.zero not in (0, 1, 2, 3):
             raise UserError(f"parallel.zero must be 0, 1, 2 or 3, got {p.zero!r}")
         if p.backend not in ("auto", "nccl", "gloo"):
@@ -203,6 +219,7 @@ class Config:
 
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb", "zbv")
 
 
 # --------------------------------------------------------------------------- loading

@@ -72,7 +72,7 @@ def open_init(path: str | Path, step: int = 0) -> InitSource:
 
 def init_checkpoint(run_dir: Path, step: int = 0) -> Path:
     """The init run's checkpoint directory (its latest, or ``step``)."""
-    from mtnlg.train.checkpoint import latest_checkpoint, step_dir
+    from mtnlg.train.checkpoint import latest_checkpoint, step_dir, verify_checkpoint
     if not (run_dir / "config.toml").exists():
         raise UserError(f"finetune.init {run_dir} is not a run directory (no config.toml) nor a Hugging Face "
                         f"GPT-2 directory (no config.json)")
@@ -81,6 +81,7 @@ def init_checkpoint(run_dir: Path, step: int = 0) -> Path:
         if not path.exists():
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
             raise UserError(f"{run_dir} has no checkpoint at step {step} (it has {', '.join(have) or 'none'})")
+        verify_checkpoint(path)
         return path
     path = latest_checkpoint(run_dir / "checkpoints")
     if path is None:

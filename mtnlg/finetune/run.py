@@ -165,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.steps = max(1, math.ceil(cfg.finetune.epochs * len(train_ds) / cfg.train.global_batch))
 
     rank, world, device = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, device=cfg.train.device)
-    model, topo = _build_model(cfg, device, rank, dims, vocab)
+    torch.manual_seed(cfg.train.seed)
+    from mtnlg.parallel.setup import build
+    model, topo = build(cfg, dims, device, rank)  # as `mtnlg train` builds it (meta device, local shards)
     fresh = latest_checkpoint(run_dir / "checkpoints") is None
     if fresh:  # before the Trainer exists, so bf16 master copies start from these weights too
         load_init_weights(model, topo, source or open_init(cfg.finetune.init, cfg.finetune.init_step), device)
@@ -196,25 +198,3 @@ def run(args: argparse.Namespace) -> int:
 def _peak(cfg: Config, device: torch.device) -> float:
     from mtnlg.train.metrics import default_peak_tflops
     return cfg.logging.peak_tflops or default_peak_tflops(device, cfg.train.precision)
-
-
-def _build_model(cfg: Config, device: torch.device, rank: int, dims, vocab: int):
-    """The model and topology, built as ``mtnlg train`` builds them."""
-    from mtnlg.model.gpt import build_model
-    from mtnlg.train.ac import apply_activation_checkpointing
-    from mtnlg.train.precision import param_dtype
-    from mtnlg.train.topology import Topology
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
-    fsdp = dims is not None and dims.dp > 1 and cfg.parallel.zero > 0
-    model.to(torch.float32 if fsdp else param_dtype(cfg.train.precision))
-    if dims is not None:
-        from mtnlg.parallel.setup import parallelize
-        topo = parallelize(cfg, model, device, rank, dims)
-    else:
-        topo = Topology()
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        model.compile()
-    return model, topo

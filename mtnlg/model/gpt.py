@@ -158,28 +158,38 @@ class GPT(nn.Module):
             x = self.lm_head(x)
         return x
 
+    def init_rule(self, name: str) -> tuple[str, float, str]:
+        """How parameter ``name`` starts: ("ones" | "zeros" | "normal", std, key).
+        Megatron init: N(0, std) everywhere, N(0, std/sqrt(2L)) on the
+        projections that write into the residual stream, zero biases, unit
+        LayerNorm gains.  ``key`` names the random stream: the output head
+        shares the input embedding's (the two are one tied weight)."""
+        if name.endswith(".bias"):
+            return "zeros", 0.0, name
+        if ".ln_" in name or name.startswith("ln_f"):
+            return "ones", 0.0, name
+        std = self.cfg.init_std
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            std = std / math.sqrt(2.0 * self.cfg.n_layers)
+        return "normal", std, "tok_emb.weight" if name == "lm_head.weight" else name
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Megatron init: N(0, std) everywhere, N(0, std/sqrt(2L)) on the
-        projections that write into the residual stream, zero biases, unit
-        LayerNorm gains.  Parameters are visited in name order from one
-        generator, so the weights depend only on (config, seed)."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2.0 * self.cfg.n_layers)
+        """Initialise every (whole, non-meta) parameter by ``init_rule``.  With
+        a seed, values depend only on (seed, parameter name, element index)
+        (``mtnlg.model.init``), so any shard of any layout can be initialised
+        to the same numbers on its own; without one, from the global RNG."""
+        from mtnlg.model.init import fill_normal_slice
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if name.endswith(".bias") or (".ln_" in name or name.startswith("ln_f")):
-                p.fill_(1.0 if (name.endswith(".weight")) else 0.0)
-                continue
-            s = out_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else std
-            if gen is not None and p.device.type != "cpu":
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s))
+            kind, std, key = self.init_rule(name)
+            if kind != "normal":
+                p.fill_(1.0 if kind == "ones" else 0.0)
+            elif seed is None:
+                p.normal_(0.0, std)
             else:
-                p.normal_(0.0, s, generator=gen)
+                fill_normal_slice(p, seed, key, std, tuple(p.shape), (0,) * p.ndim)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None,

@@ -38,8 +38,23 @@ trainer's ``MasterWeights`` is not needed (the fp32 shard is the master copy).
 ``fp32`` and ``bf16-autocast`` use fp32 parameters without a policy.
 
 With tensor parallelism the dp shards are taken of the tp shards (2-D
-DTensors on the ``(dp, tp)`` sub-mesh).  Pipeline parallelism with zero>0 is
-refused for now (see docs/parallel.md).
+DTensors on the ``(dp, tp)`` sub-mesh).
+
+zero=0 over dp > 1 ranks is torch's composable ``replicate`` (built on the
+FSDP2 machinery, parameters ``Replicate()`` over dp): each block's gradients
+are all-reduced by a hook as soon as its backward finishes, overlapping the
+communication with the rest of the backward (DDP's habit), once per step
+(``set_requires_gradient_sync(False)`` on all but the last micro-batch).
+
+Inside a pipeline stage (``parallel.pp`` > 1) ``PipelineStage`` drives the
+FSDP/replicate module itself: during every micro-batch's backward it turns
+gradient sync and resharding off, and after the step's last backward it
+reduces (reduce-scatter under ZeRO, all-reduce under replicate) once per
+stage, so gradients are reduced once per step whatever the micro-batch
+count.  zero 1 and 2 are then the same thing (gradients accumulate
+unsharded, parameters stay gathered through the step); zero 3 frees each
+block's parameters after its forward and gathers them again per
+micro-batch (``reshard_after_forward=True``).
 """
 from __future__ import annotations
 
@@ -59,9 +74,6 @@ def check_zero(zero: int, dp: int, pp: int, precision: str) -> None:
     if zero not in ZERO_LEVELS:
         raise UserError(f"parallel.zero must be 0 (plain data parallelism), 1 (shard optimizer state), "
                         f"2 (+ gradients) or 3 (+ parameters), got {zero!r}")
-    if zero and pp > 1:
-        raise UserError(f"parallel.zero={zero} with parallel.pp={pp} is not supported yet; "
-                        f"use parallel.zero=0 with pipeline parallelism")
     if zero and precision == "fp16":
         raise UserError(f"parallel.zero={zero} does not support train.precision=fp16 (dynamic loss scaling) "
                         f"yet; use bf16, bf16-autocast or fp32")
@@ -73,6 +85,14 @@ def uses_fsdp(zero: int, dp: int) -> bool:
     return zero > 0 and dp > 1
 
 
+def reduces_in_backward(zero: int, dp: int, precision: str) -> bool:
+    """Whether data-parallel gradients are reduced by backward hooks (FSDP or
+    ``replicate``) rather than by the trainer after backward.  fp16 with
+    zero=0 keeps the trainer's flat all-reduce: its GradScaler unscales
+    plain tensors only."""
+    return dp > 1 and (zero > 0 or precision != "fp16")
+
+
 def mixed_precision(precision: str):
     """The FSDP2 policy for a train.precision (None: compute in the fp32 parameters' dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -82,11 +102,21 @@ def mixed_precision(precision: str):
 
 
 def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, precision: str = "fp32") -> nn.Module:
-    """Shard ``model`` (fp32 parameters, tensor parallelism already applied)
-    over ``dp_mesh`` with FSDP2 in place and return it.  zero=0 or a size-1
-    mesh leaves it untouched (the trainer all-reduces gradients instead)."""
+    """Shard ``model`` (fp32 parameters, tensor parallelism already applied;
+    a meta model is fine) over ``dp_mesh`` with FSDP2 in place and return it;
+    zero=0 replicates it with gradient all-reduce hooks instead.  A size-1
+    mesh leaves it untouched, and so does zero=0 with fp16 (the trainer
+    all-reduces gradients after backward)."""
     from torch.distributed.fsdp import fully_shard
-    if not uses_fsdp(zero, dp_mesh.size()):
+    if not reduces_in_backward(zero, dp_mesh.size(), precision):
+        return model
+    if zero == 0:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        mp = mixed_precision(precision)
+        kw = {"mesh": dp_mesh, **({"mp_policy": mp} if mp is not None else {})}
+        for block in model.blocks.values():
+            replicate(block, **kw)
+        replicate(model, **kw)
         return model
     low = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low:
@@ -110,15 +140,17 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
 def micro_batch_hook(model: nn.Module, zero: int) -> Callable[[bool], None]:
     """``hook(last)``, called before each micro-batch's forward (``last`` on the
     step's final one): keeps parameters (zero 1, 2) and unreduced gradients
-    (zero 1) across a step's micro-batches."""
+    (zero 0 replicate, zero 1) across a step's micro-batches.  Not used under
+    pipeline parallelism (``PipelineStage`` does this itself)."""
     modules = fsdp_modules(model)
     if not modules or zero == 3:
         return lambda last: None
 
     def hook(last: bool) -> None:
         for m in modules:
-            m.set_reshard_after_backward(last, recurse=False)
-            if zero == 1:
+            if zero:
+                m.set_reshard_after_backward(last, recurse=False)
+            if zero in (0, 1):
                 m.set_requires_gradient_sync(last, recurse=False)
     return hook
 

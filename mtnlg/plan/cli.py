@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch", type=int,
                    help="sequences per micro-batch (default: train.micro_batch; searched over 1,2,4,8 when searching)")
     g.add_argument("--schedule", default="1f1b", choices=SCHEDULES, help="pipeline schedule (default 1f1b)")
-    g.add_argument("--virtual-stages", type=int, default=1, help="model chunks per stage for --schedule interleaved")
+    g.add_argument("--virtual-stages", type=int, default=1, help="model chunks per stage for --schedule interleaved or zb")
     g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage for data-parallel sharding: 1 optimizer state, 2 + gradients, 3 + weights")
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         from mtnlg.plan.local import run_local
         return run_local(args)
     cfg, cluster, calib, batch, sp, precision = _setup(args)
-    v = args.virtual_stages if args.schedule == "interleaved" else 1
+    v = args.virtual_stages if args.schedule in ("interleaved", "zb") else 1
     if args.schedule == "interleaved" and v < 2:
         raise UserError("--schedule interleaved needs --virtual-stages 2 or more")
     search = args.tp is None or args.pp is None

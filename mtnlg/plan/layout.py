@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
+from mtnlg.parallel.stages import SCHEDULE_NAMES, stage_block_ids, stage_layers  # noqa: F401  (re-exported)
 
-SCHEDULES = ("1f1b", "interleaved", "gpipe")
+SCHEDULES = SCHEDULE_NAMES  # gpipe, 1f1b, interleaved, zb, zbv
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -44,32 +45,19 @@ def check_layout(cfg: ModelConfig, layout: Layout, global_batch: int) -> None:
             raise UserError(f"{name} must be >= 1, got {getattr(L, name)}")
     if cfg.n_heads % L.tp or cfg.ffn % L.tp:
         raise UserError(f"tp={L.tp} must divide n_heads={cfg.n_heads} and the MLP width {cfg.ffn}")
-    if L.pp * L.virtual_stages > cfg.n_layers:
-        raise UserError(f"pp={L.pp} x virtual stages {L.virtual_stages} exceeds n_layers={cfg.n_layers}")
     if L.schedule not in SCHEDULES:
         raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {L.schedule!r}")
-    if L.schedule != "interleaved" and L.virtual_stages != 1:
-        raise UserError("virtual_stages > 1 needs schedule='interleaved'")
+    if L.schedule not in ("interleaved", "zb") and L.virtual_stages != 1:
+        raise UserError("virtual_stages > 1 needs schedule='interleaved' or 'zb' (zbv always uses 2)")
+    chunks = 2 if L.schedule == "zbv" else L.virtual_stages
+    if L.pp * chunks > cfg.n_layers:
+        raise UserError(f"pp={L.pp} x {chunks} chunk(s) per stage exceeds n_layers={cfg.n_layers}")
     if L.recompute not in RECOMPUTE:
         raise UserError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {L.recompute!r}")
     if L.zero not in (0, 1, 2, 3):
         raise UserError(f"ZeRO stage must be 0, 1, 2 or 3, got {L.zero}")
     if global_batch % (L.dp * L.micro_batch):
         raise UserError(f"global batch {global_batch} is not a multiple of dp={L.dp} x micro-batch={L.micro_batch}")
-    if L.schedule == "interleaved" and (global_batch // (L.dp * L.micro_batch)) % L.pp:
-        raise UserError("interleaved 1F1B needs the number of micro-batches to be a multiple of pp")
-
-
-def stage_layers(n_layers: int, pp: int) -> list[int]:
-    """Blocks on each pipeline stage (first stages take the remainder)."""
-    base, extra = divmod(n_layers, pp)
-    return [base + (1 if i < extra else 0) for i in range(pp)]
-
-
-def stage_block_ids(n_layers: int, pp: int, stage: int) -> list[int]:
-    counts = stage_layers(n_layers, pp)
-    start = sum(counts[:stage])
-    return list(range(start, start + counts[stage]))
 
 
 def stage_kinds(pp: int) -> list[tuple[str, int]]:

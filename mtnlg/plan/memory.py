@@ -40,7 +40,7 @@ def layer_params_local(cfg: ModelConfig, tp: int) -> int:
 
 def stage_params_local(cfg: ModelConfig, tp: int, pp: int, stage: int, vocab: int) -> int:
     """Exact parameter elements held by one rank of pipeline stage ``stage``."""
-    from mtnlg.plan.layout import stage_layers
+    from mtnlg.parallel.stages import stage_layers
     h = cfg.hidden
     n = stage_layers(cfg.n_layers, pp)[stage] * layer_params_local(cfg, tp)
     first, last = stage == 0, stage == pp - 1

@@ -6,7 +6,8 @@ from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
 from mtnlg.model.flops import flops_per_iteration, param_count
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, Calibration, Cluster
-from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds, stage_layers
+from mtnlg.parallel.stages import analytic_bubble, effective_schedule, stage_layers
+from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds
 from mtnlg.plan.memory import (GB, STATE_BYTES, model_state_bytes, stage_activation_bytes,
                                stage_params_local)
 from mtnlg.plan.timing import (data_parallel_time, layer_flops_split, optimizer_time, passes_per_layer,
@@ -50,7 +51,10 @@ def plan_layout(cfg: ModelConfig, cluster: Cluster, layout: Layout, global_batch
     stages = [dict(plan_stage(cfg, cluster, L, i, n_micro, vocab, precision, calib), kind=k)
               for k, i in stage_kinds(L.pp)]
     slot = max(s["time_per_microbatch_s"]["total_s"] for s in stages)
-    bubble_slots = (L.pp - 1) / L.virtual_stages
+    # idle slots of the schedule that runs n_micro micro-batches (fallbacks included): bubble b = slots/(m+slots)
+    chunks = 2 if L.schedule == "zbv" else L.virtual_stages
+    bubble = analytic_bubble(effective_schedule(L.schedule, n_micro, L.pp, chunks), n_micro, L.pp, chunks)
+    bubble_slots = bubble * n_micro / (1 - bubble)
     pipeline_s = (n_micro + bubble_slots) * slot
     params_max = max(s["params"] for s in stages)
     dp_s = data_parallel_time(cluster, calib, L, params_max, STATE_BYTES[precision], n_micro)
@@ -102,7 +106,7 @@ def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, *, 
                 continue
             for b in micro_batch or [1, 2, 4, 8]:
                 for r in recompute or list(RECOMPUTE):
-                    v = virtual_stages if schedule == "interleaved" else 1
+                    v = virtual_stages if schedule in ("interleaved", "zb") else 1
                     L = Layout(t, p, N // (t * p), b, schedule, v, zero, sequence_parallel and t > 1, r)
                     try:
                         check_layout(cfg, L, global_batch)

@@ -1,57 +1,70 @@
-"""Atomic checkpoints: weights in safetensors, the rest in torch/JSON files.
+"""Checkpoints: the on-disk format and everything that reads it.
 
-Layout of ``RUN/checkpoints``::
+Layout of ``RUN/checkpoints`` (see docs/checkpoints.md)::
 
     step_00000200/
-        model.safetensors     full (unsharded) weights, tied copies stored once
-        optimizer.pt          optimizer state (and fp32 master weights if any)
-        trainer.json          step, consumed samples, config digest
-        rng_rank00000.pt      per-rank CPU/CUDA RNG state
-    latest                    text file naming the newest complete checkpoint
+        dcp/.metadata, dcp/__R_I.distcp   torch.distributed.checkpoint (DCP): every rank wrote its own
+                                          shards of "model.<name>" (fp32: the master copy when the
+                                          run keeps one) and "optim.<name>.<state>" (AdamW moments, step)
+        rng_rank00000.pt ...              per-rank CPU/CUDA RNG state
+        trainer.json                      step, consumed samples, config digest, loss scaler
+        manifest.json                     format version, tied aliases, bytes + sha256 of every file
+    latest                                text file naming the newest complete checkpoint
 
-A checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed into place
-only after every file is flushed to disk; ``latest`` is replaced atomically
-afterwards.  A crash at any point leaves the previous checkpoint and
-``latest`` untouched, and a leftover ``*.tmp`` directory is ignored (and
-removed by the next save).
+Writers live in ``mtnlg/train/dcp.py`` (sharded, sync or async), the old
+single-file format (``model.safetensors`` + ``optimizer.pt``) in
+``mtnlg/train/legacy_checkpoint.py``.  Every reader here accepts both.
+
+``latest_checkpoint`` verifies the manifest (sizes and checksums) of the
+checkpoint ``latest`` names and falls back to the newest intact earlier one
+with a warning naming what it skipped; training, generation and evaluation
+all find their checkpoint through it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
-import os
-import shutil
+import sys
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mtnlg.errors import UserError
-from mtnlg.io import fsync_dir, fsync_file, write_atomic
 
-MODEL_FILE = "model.safetensors"
+# DCP reports failures as CheckpointException, a BaseException
+ERRORS = (Exception, CheckpointException)
+MANIFEST = "manifest.json"
+DCP_DIR = "dcp"
+TRAINER_FILE = "trainer.json"
+FORMAT, VERSION = "mtnlg-checkpoint", 2
+MODEL_PREFIX, OPTIM_PREFIX = "model.", "optim."
+# GPT ties its output projection to the token embedding (mtnlg/model/gpt.py): one tensor, two names.
+# The checkpoint stores it once, under the embedding's name.
+TIED_ALIASES = {"lm_head.weight": "tok_emb.weight"}
 
 
-_fsync_dir = fsync_dir
-_fsync_file = fsync_file
+@contextlib.contextmanager
+def quiet_dcp():
+    """DCP warns on every single-process call that it assumes a single process: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)
+def warn(msg: str) -> None:
+    print(f"mtnlg: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier key; return the aliases."""
-    seen: dict[tuple, str] = {}
-    out, aliases = {}, {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous()
-    return out, aliases
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def rng_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"rng_rank{rank:05d}.pt"
 
 
 def rng_state() -> dict:
@@ -67,98 +80,216 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
+def is_legacy(path: Path) -> bool:
+    """A checkpoint in the pre-DCP format (model.safetensors + optimizer.pt)."""
+    from mtnlg.train.legacy_checkpoint import MODEL_FILE
+    path = Path(path)
+    return not (path / MANIFEST).exists() and (path / MODEL_FILE).exists()
 
 
-def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor] | None,
-                    optim_state: dict | None, trainer_state: dict, *, rank: int = 0,
-                    barrier: Callable[[], None] = lambda: None, keep: int = 2) -> Path:
-    """Collective when distributed: every rank calls it (rank 0 passes the full
-    model/optimizer state, others may pass None) and writes its RNG state."""
-    root = Path(root)
-    final = step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    rng_path = tmp / f"rng_rank{rank:05d}.pt"
-    torch.save(rng_state(), rng_path)
-    _fsync_file(rng_path)
-    if rank == 0:
-        tensors, aliases = dedup_tied(model_state)
-        save_file(tensors, tmp / MODEL_FILE, metadata={"aliases": json.dumps(aliases), "step": str(step)})
-        torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-        for name in (MODEL_FILE, "optimizer.pt", "trainer.json"):
-            _fsync_file(tmp / name)
-    barrier()
-    if rank == 0:
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        write_text_atomic(root / "latest", final.name + "\n")
-        _fsync_dir(root)
-        _prune(root, keep, current=final)
-    barrier()
-    return final
+# ------------------------------------------------------------------ manifest
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _prune(root: Path, keep: int, current: Path) -> None:
-    # step dirs after `current` belong to an abandoned timeline (latest was pointed back):
-    # they must not push the checkpoint just written out of the window
-    done = sorted(p for p in root.glob("step_*")
-                  if p.is_dir() and not p.name.endswith(".tmp") and p.name <= current.name)
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+def describe_files(step_path: Path, names) -> dict[str, dict]:
+    """{relative name: {"bytes", "sha256"}} for files under ``step_path``."""
+    out = {}
+    for name in names:
+        p = Path(step_path) / name
+        out[str(name)] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    return out
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def write_manifest(step_path: Path, files: dict[str, dict], step: int, world_size: int,
+                   alias: dict[str, str] | None = None) -> None:
+    """Write ``manifest.json`` (atomically, fsynced): the last file of a checkpoint."""
+    from mtnlg.io import write_atomic
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
+                "aliases": dict(TIED_ALIASES if alias is None else alias),
+                "total_bytes": sum(f["bytes"] for f in files.values()), "files": dict(sorted(files.items()))}
+    write_atomic(Path(step_path) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes a checkpoint occupies (from its manifest, else by listing it)."""
+    try:
+        return int(read_manifest(path)["total_bytes"])
+    except (UserError, KeyError, ValueError):
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def read_manifest(path: Path) -> dict:
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing: {path} is not a complete checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file} is unreadable ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise UserError(f"{file} has format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
+                        f"mtnlg reads {FORMAT!r} version {VERSION} (and the older model.safetensors checkpoints)")
+    return manifest
+
+
+def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
+    """Why ``path`` is not an intact checkpoint (missing/truncated/corrupt file), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    if is_legacy(path):
+        from mtnlg.train.legacy_checkpoint import legacy_problem
+        return legacy_problem(path)
+    try:
+        manifest = read_manifest(path)
+    except UserError as e:
+        return str(e)
+    for name, want in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} has {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+        if checksums and file_digest(f) != want["sha256"]:
+            return f"{f} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def verify_checkpoint(path: Path, checksums: bool = True) -> None:
+    problem = checkpoint_problem(path, checksums)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}")
+
+
+# ------------------------------------------------------------------ finding
+def latest_checkpoint(root: Path, verify: bool = True) -> Path | None:
+    """The checkpoint ``root/latest`` names, or, if that one is missing or
+    damaged, the newest intact earlier ``step_*`` (with a warning naming what
+    was skipped).  None when there is no ``latest`` yet; UserError when no
+    candidate is intact.  ``verify=False`` skips the checksums (sizes only)."""
     root = Path(root)
     marker = root / "latest"
     if not marker.exists():
         return None
-    path = root / marker.read_text().strip()
-    if not (path / MODEL_FILE).exists() or not (path / "trainer.json").exists():
-        raise UserError(f"{marker} names {path.name}, which is missing or incomplete; "
-                        f"point 'latest' at an intact step_* directory")
-    return path
+    named = marker.read_text().strip()
+    # step dirs after the named one belong to an abandoned timeline (latest was pointed back)
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                    and p.name < named), reverse=True)
+    skipped = []
+    for candidate in [root / named] + older:
+        problem = checkpoint_problem(candidate, checksums=verify)
+        if problem is None:
+            if skipped:
+                warn(f"skipped damaged checkpoint(s) {'; '.join(skipped)}; using {candidate}")
+            return candidate
+        skipped.append(f"{candidate.name} ({problem})")
+    raise UserError(f"no intact checkpoint in {root}: {'; '.join(skipped)}; restore one or start a new --run")
+
+
+# ------------------------------------------------------------------ reading
+def read_trainer_state(path: Path) -> dict:
+    file = Path(path) / TRAINER_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint file {file} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def aliases(path: Path) -> dict[str, str]:
+    """Names the checkpoint stores under another name (tied weights): {alias: stored name}."""
+    if is_legacy(path):
+        from mtnlg.train.legacy_checkpoint import legacy_aliases
+        return legacy_aliases(path)
+    return dict(read_manifest(path).get("aliases", {}))
+
+
+def _dcp_metadata(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    meta_file = Path(path) / DCP_DIR / ".metadata"
+    if not meta_file.is_file():
+        raise UserError(f"checkpoint file {meta_file} is missing")
+    try:
+        return FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata()
+    except ERRORS as e:  # pickle/EOF errors on a damaged file
+        raise UserError(f"checkpoint file {meta_file} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def tensor_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{DCP key: (full shape, dtype)} of every tensor in a DCP checkpoint."""
+    meta = _dcp_metadata(path)
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in meta.state_dict_metadata.items()
+            if hasattr(v, "size")}
+
+
+def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{parameter name: full shape}, aliases included, without reading any weights."""
+    path = Path(path)
+    if is_legacy(path):
+        from mtnlg.train.legacy_checkpoint import legacy_shapes
+        return legacy_shapes(path)
+    shapes = {k[len(MODEL_PREFIX):]: s for k, (s, _) in tensor_metadata(path).items() if k.startswith(MODEL_PREFIX)}
+    shapes.update({a: shapes[t] for a, t in aliases(path).items() if t in shapes})
+    return shapes
+
+
+def load_tensors(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill ``targets`` ({DCP key: tensor}) from a DCP checkpoint in this
+    process alone (no process group); reads only the bytes of those keys."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with quiet_dcp():
+            dcp.load(targets, checkpoint_id=str(Path(path) / DCP_DIR), no_dist=True)
+    except ERRORS as e:  # noqa: BLE001 - DCP wraps file errors in CheckpointException
+        raise UserError(f"cannot read checkpoint {path}: {short_error(e)}") from None
+
+
+def iter_model_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full CPU tensor) for every model tensor, one at a time (aliases
+    of tied weights follow their tensor), so a model larger than memory can
+    be converted or exported piece by piece."""
+    path = Path(path)
+    if is_legacy(path):
+        from mtnlg.train.legacy_checkpoint import legacy_iter
+        yield from legacy_iter(path)
+        return
+    meta = tensor_metadata(path)
+    alias = {a: t for a, t in aliases(path).items() if MODEL_PREFIX + a not in meta}  # stored itself: no alias
+    for key, (shape, dtype) in meta.items():
+        if not key.startswith(MODEL_PREFIX):
+            continue
+        name = key[len(MODEL_PREFIX):]
+        t = torch.empty(shape, dtype=dtype)
+        load_tensors(path, {key: t})
+        yield name, t
+        for a, target in alias.items():
+            if target == name:
+                yield a, t
 
 
 def load_model_state(path: Path, with_aliases: bool = False):
-    """Full weights with tied aliases restored (and the alias map if asked)."""
-    from safetensors import safe_open
-    file = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
-    try:
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(file))
-    except Exception as e:  # safetensors raises several kinds on damaged files
-        raise UserError(f"cannot read checkpoint weights {file}: {e}") from None
-    aliases = json.loads(meta.get("aliases", "{}"))
-    for alias, target in aliases.items():
-        state[alias] = state[target]
-    return (state, aliases) if with_aliases else state
+    """Full weights in one process, tied aliases restored (the same tensor
+    under both names), and the alias map if asked."""
+    state = dict(iter_model_tensors(path))
+    return (state, aliases(path)) if with_aliases else state
 
 
-def load_checkpoint(path: Path, rank: int = 0, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    model, aliases = load_model_state(path, with_aliases=True)
-    out = {"model": model, "aliases": aliases, "rng": None}
-    rng_file = path / f"rng_rank{rank:05d}.pt"
-    try:
-        out["optimizer"] = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False)
-        out["trainer"] = json.loads((path / "trainer.json").read_text())
-        if rng_file.exists():
-            out["rng"] = torch.load(rng_file, weights_only=False)
-    except Exception as e:  # torch.load and json raise many kinds on damaged files
-        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); point "
-                        f"{path.parent / 'latest'} at an earlier step_* directory to resume from it") from None
-    return out
+def short_error(e: BaseException) -> str:
+    """One line for an exception, digging the first real cause out of DCP's
+    multi-rank CheckpointException."""
+    inner = root_error(e)
+    text = f"{type(inner).__name__}: {inner}".strip()
+    return text.splitlines()[0] if text else type(inner).__name__
+
+
+def root_error(e: BaseException) -> BaseException:
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))  # (exception, traceback summary)
+        return root_error(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+    if isinstance(e, OSError):
+        return e
+    cause = e.__cause__ or e.__context__
+    return root_error(cause) if cause is not None else e

@@ -19,7 +19,6 @@ import torch
 
 from mtnlg.config import Config, apply_overrides, dump_toml, load_config
 from mtnlg.errors import UserError
-from mtnlg.train.topology import Topology
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,10 +91,7 @@ def build_data(cfg: Config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtnlg.model.gpt import build_model
-    from mtnlg.train.ac import apply_activation_checkpointing
     from mtnlg.train.metrics import default_peak_tflops
-    from mtnlg.train.precision import param_dtype
     from mtnlg.train.trainer import Trainer
 
     run_dir = Path(args.run)
@@ -116,18 +112,12 @@ def run(args: argparse.Namespace) -> int:
     vocab = cfg.model.padded_vocab(cfg.parallel.tp)
     check_data_matches_tokenizer(cfg, tok_path, vocab)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device, seed=cfg.train.seed, vocab_size=vocab)
-    fsdp = dims is not None and dims.dp > 1 and cfg.parallel.zero > 0  # FSDP keeps fp32 shards (bf16 via its policy)
-    model.to(torch.float32 if fsdp else param_dtype(cfg.train.precision))
-    if dims is not None:
-        from mtnlg.parallel.setup import parallelize
-        topo = parallelize(cfg, model, device, rank, dims)
-    else:
-        topo = Topology()
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        model.compile()
+    # meta-device build: each rank allocates and initialises only its own shards (mtnlg/parallel/setup.py)
+    from mtnlg.parallel.setup import build, layout_warnings
+    model, topo = build(cfg, dims, device, rank)
+    if dims is not None and topo.is_main:
+        for line in layout_warnings(cfg, dims):
+            print(f"mtnlg train: warning: {line}", flush=True)
     if topo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not existing:

@@ -29,16 +29,17 @@ from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.precision import MasterWeights, autocast, param_dtype
 from mtnlg.train.schedule import global_batch_at, lr_at
-from mtnlg.train.topology import Topology
+from mtnlg.parallel.topology import Topology
 
 
 def config_digest(cfg: Config) -> str:
     d = to_dict(cfg)
     d.pop("logging")
-    d.pop("parallel")  # checkpoints hold full tensors: a run may resume under another layout...
+    d.pop("parallel")  # checkpoints are resharded on load: a run may resume under another layout...
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
-                  if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile")}
+                  if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile",
+                               "async_save")}
     if d.get("finetune") == to_dict(Config())["finetune"]:
         d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,73 +125,67 @@ class Trainer:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names[id(p)] for g in parameter_groups(self.model, 0.0) for p in g["params"]]
 
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpointer(self):
+        if getattr(self, "_ckpt", None) is None:
+            from mtnlg.train.dcp import Checkpointer
+            self._ckpt = Checkpointer(self.run_dir / "checkpoints", self.topo.rank, self.topo.world_size,
+                                      keep=self.cfg.train.keep_checkpoints, async_save=self.cfg.train.async_save)
+        return self._ckpt
+
+    def _named_opt_params(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor the optimizer steps: fp32 master copy or parameter), in optimizer order."""
+        for m in self.model.modules():  # FSDP2: an evaluation forward may leave parameters gathered
+            if hasattr(m, "reshard") and hasattr(m, "unshard"):
+                m.reshard()
+        return list(zip(self._opt_names(), self._opt_params()))
+
+    def _tied_copy_names(self) -> dict[str, str]:
+        """The last pipeline stage's copy of the tied embedding: its name -> the name it is stored under."""
+        tied = {id(p) for p in self.topo.tied_copies}
+        return {n: ckpt.TIED_ALIASES.get(n, n) for n, p in self.model.named_parameters() if id(p) in tied}
+
     def save(self) -> Path:
-        """Full (unsharded) model and optimizer state keyed by parameter name,
-        gathered from every pipeline stage, so a checkpoint loads into any layout."""
-        full, topo = self.topo.full_tensor, self.topo
-        cpu = lambda v: full(v).detach().cpu() if torch.is_tensor(v) else v  # noqa: E731
-        names = self._opt_names()
-        model_state = {k: cpu(v) for k, v in topo.full_state_dict(self.model).items()}
-        opt_state = {names[int(i)]: {k: cpu(v) for k, v in st.items()}
-                     for i, st in self.optimizer.state_dict()["state"].items()}
-        master = {n: cpu(m) for n, m in zip(names, self._opt_params())} if self.master else None
-        stages = topo.gather_stages((model_state, opt_state, master))
-        if topo.is_main:
-            model_state, opt_state, master = {}, {}, ({} if self.master else None)
-            for m, o, w in stages:
-                model_state.update(m)
-                opt_state.update(o)
-                if w is not None:
-                    master.update(w)
-        optim = {"format": "by-name", "state": opt_state, "master": master}
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, model_state, optim, self.state(),
-                                    rank=topo.rank, barrier=topo.barrier, keep=self.cfg.train.keep_checkpoints)
+        """Sharded checkpoint (see mtnlg/train/dcp.py): each rank writes its own
+        shards of the weights (fp32 master copies where kept) and optimizer
+        state, keyed by parameter name, so it loads into any layout.  With
+        ``train.async_save`` this returns once the state is staged in memory;
+        ``finish_checkpoint`` commits it."""
+        from mtnlg.train.dcp import flat_state
+        state = flat_state(self._named_opt_params(), self.optimizer, skip=self._tied_copy_names())
+        return self._checkpointer().save(self.step, state, self.state())
+
+    def finish_checkpoint(self, wait: bool = True) -> Path | None:
+        """Commit a pending asynchronous save: block for it (``wait``) or only if
+        every rank has finished writing.  Collective; a no-op when none is pending."""
+        return self._checkpointer().wait() if wait else self._checkpointer().poll()
 
     def resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        """Load the newest intact checkpoint (any layout, or the old format) into
+        this layout; False when the run has none."""
+        from mtnlg.train.dcp import load_targets
+        cp = self._checkpointer()
+        path = cp.find_latest()
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path, self.topo.rank, map_location="cpu")
-        if state["trainer"].get("config_digest") != config_digest(self.cfg):
+        trainer_state = ckpt.read_trainer_state(path)
+        if trainer_state.get("config_digest") != config_digest(self.cfg):
             raise UserError(f"checkpoint {path} was written with a different model/data/optimizer config; "
                             f"start a new --run directory or restore the original config.toml")
-        saved, aliases = state["optimizer"], state["aliases"]
-        lookup = lambda table, name: table.get(name, table.get(aliases.get(name)))  # noqa: E731  tied copies
-        # A bf16 run's fp32 master copies are the weights of an fp32-parameter run (ZeRO's fp32 shards),
-        # and an fp32-parameter run's weights are the master copies of a bf16 run.
-        weights = state["model"]
-        if saved.get("master") and not self.master:
-            first: dict = {}  # tied weights: the name the optimizer (and the master table) knows them by
-            canon = {n: first.setdefault(id(p), n) for n, p in self.model.named_parameters(remove_duplicate=False)}
-            master = {k: lookup(saved["master"], canon.get(k, k)) for k in weights}
-            weights = {k: v if master[k] is None else master[k] for k, v in weights.items()}
-        own = self.model.state_dict().keys()  # a pipeline stage holds only its own part
-        self.topo.load_full_state_dict(self.model, {k: weights[k].to(self.device) for k in own if k in weights})
-        params, names = self._opt_params(), self._opt_names()
-        opt = self.optimizer.state_dict()
-        opt["state"] = {}
-        for i, (name, p) in enumerate(zip(names, params)):
-            st = lookup(saved["state"], name)
-            if st is not None:
-                opt["state"][i] = {k: self.topo.shard_like(v.to(self.device), p)
-                                   if torch.is_tensor(v) and v.shape == p.shape else v for k, v in st.items()}
-        self.optimizer.load_state_dict(opt)
-        if self.master:
-            with torch.no_grad():
-                for name, m in zip(names, self._opt_params()):
-                    w = lookup(saved["master"] or state["model"], name)
-                    if tuple(w.shape) != tuple(m.shape):  # checkpoints before the fix keyed them in the wrong order
-                        raise UserError(f"checkpoint {path} stores fp32 master weight {name!r} with shape "
-                                        f"{tuple(w.shape)}, the model has {tuple(m.shape)}: it was written by an "
-                                        f"mtnlg that misnamed bf16 master copies; resume it with that version")
-                    m.copy_(self.topo.shard_like(w.to(self.device, torch.float32), m))
-        if self.scaler and state["trainer"].get("scaler"):
-            self.scaler.load_state_dict(state["trainer"]["scaler"])
-        self.step = state["trainer"]["step"]
-        self.schedule_steps = state["trainer"].get("schedule_steps", self.schedule_steps)
-        self.consumed_samples = state["trainer"]["consumed_samples"]
-        if state["rng"] is not None:
-            ckpt.set_rng_state(state["rng"])
+        targets, install = load_targets(self._named_opt_params(), self.optimizer, self._tied_copy_names(),
+                                        ckpt.tensor_metadata(path))
+        cp.load(path, targets)
+        install()
+        if self.master:  # the checkpoint holds the fp32 master weights; the bf16 ones are their rounding
+            self.master.master_to_model()
+        if self.scaler and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        self.step = trainer_state["step"]
+        self.schedule_steps = trainer_state.get("schedule_steps", self.schedule_steps)
+        self.consumed_samples = trainer_state["consumed_samples"]
+        rng = ckpt.rng_file(path, self.topo.rank)
+        if rng.exists():  # a rank that did not exist in the saved layout keeps its seeded state
+            ckpt.set_rng_state(torch.load(rng, weights_only=False))
         return True
 
     # ------------------------------------------------------------------ data
@@ -226,8 +221,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
         cfg, topo = self.cfg, self.topo
-        gb = global_batch_at(self.consumed_samples, cfg.train)
         mb = cfg.train.micro_batch
+        gb = global_batch_at(self.consumed_samples, cfg.train, unit=mb * topo.dp_size)
         if gb % (mb * topo.dp_size):
             raise UserError(f"global batch {gb} is not a multiple of micro_batch {mb} x dp {topo.dp_size}")
         n_micro = gb // (mb * topo.dp_size)
@@ -237,9 +232,14 @@ class Trainer:
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
         self._denom = self._loss_scale(self.train_data, self.consumed_samples, gb, n_micro * topo.dp_size)
         total = torch.zeros((), device=self.device)
+        record: dict = {}
+        pipeline_info: dict = {}
         if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
             x, y = self._batch(self.train_data, first, n_micro * mb)
-            losses = self._pipeline(n_micro, n_micro * mb).step(x, y)
+            pipe = self._pipeline(n_micro, n_micro * mb)
+            losses = pipe.step(x, y)
+            # idle fraction of the step, measured (mean over the pp ranks) and predicted for this schedule
+            pipeline_info = dict(bubble=pipe.bubble, bubble_analytic=pipe.bubble_analytic, pp_schedule=pipe.name)
             if self.master:
                 self.master.accumulate_grads()
             if losses is not None:
@@ -267,7 +267,6 @@ class Trainer:
         if not self.scaler and not torch.isfinite(grad_norm):  # fp16: the scaler skips such steps
             raise UserError(f"gradient norm became {float(grad_norm)} at step {self.step + 1} (nothing was "
                             f"applied or saved); lower optim.lr or use train.precision=bf16-autocast")
-        record = {}
         if self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -283,16 +282,17 @@ class Trainer:
         self.consumed_samples += gb
         loss = topo.mean_over_dp(total)
         record.update(step=self.step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
-                      consumed_samples=self.consumed_samples, global_batch=gb)
+                      consumed_samples=self.consumed_samples, global_batch=gb, **pipeline_info)
         if self._denom is not None:
             record["loss_tokens"] = self.train_data.loss_tokens(self.consumed_samples - gb, gb)
         return record
 
-    def _pipeline(self, n_micro: int, rows: int, schedule: str = "1f1b"):
-        """This rank's pipeline schedule for batches of ``rows`` in ``n_micro`` micro-batches."""
+    def _pipeline(self, n_micro: int, rows: int, mode: str = "train"):
+        """This rank's pipeline schedule (``parallel.pp_schedule``; forward-only
+        for ``mode="eval"``) for batches of ``rows`` in ``n_micro`` micro-batches."""
         def loss_fn(logits, targets):
             return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten(), denom=self._denom)
-        return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), schedule)
+        return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), mode)
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
@@ -311,7 +311,7 @@ class Trainer:
             rows = mb if (hi - lo) % mb == 0 else 1
             self._denom = self._loss_scale(self.valid_data, 0, total_samples, total_samples / rows)
             x, y = self._batch(self.valid_data, lo, hi - lo)
-            losses = self._pipeline((hi - lo) // rows, hi - lo, "gpipe").eval(x, y)
+            losses = self._pipeline((hi - lo) // rows, hi - lo, "eval").eval(x, y)
             if losses is not None:
                 total = losses.sum().to(self.device) * rows
             total = topo.broadcast_from_last_stage(total)
@@ -364,6 +364,7 @@ class Trainer:
                     busy, tokens = 0.0, 0
                 if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or last:
                     self.save()
+                self.finish_checkpoint(wait=last)  # commits a finished asynchronous save
         finally:
             logger.close()
         return records

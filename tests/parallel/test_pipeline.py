@@ -30,10 +30,13 @@ from dist_utils import run_distributed
 # largest gradient entry, gradient norm relative <= 1.1e-7; after three
 # AdamW steps parameters <= 7.4e-7 (Adam turns float noise in gradients that
 # are zero in theory into lr-sized steps, as in test_tensor.py), hence the
-# looser post-step tolerance.  Without the tied-gradient exchange the
+# looser post-step tolerance.  With the keyed initialisation (mtnlg/model/init.py) pp2 x tp2 shows
+# 5.6e-5 on blocks.4.attn.proj.weight after the three steps (gradients still <= 3.7e-8): the same
+# Adam amplification of near-zero gradient entries, hence STEP_ATOL 1e-4 (a wrong gradient moves
+# whole tensors by ~lr = 1e-3 per step).  Without the tied-gradient exchange the
 # gradients differ by 4e-2 and the copies diverge, so the checks bite.
 ATOL, RTOL = 1e-6, 1e-5
-STEP_ATOL = 1e-5
+STEP_ATOL = 1e-4
 GLOBAL_BATCH = 8
 
 
@@ -64,7 +67,7 @@ def check_layout(mesh_shape, schedule="1f1b", n_micro=None, virtual=1, sp=False)
     from mtnlg.model.gpt import build_model
     from mtnlg.parallel.pipeline import build_pipeline_schedule, clip_grad_norm_, split_stage, tied_copies
     from mtnlg.parallel.tensor import apply_tensor_parallel
-    from mtnlg.train.topology import Topology
+    from mtnlg.parallel.topology import Topology
 
     cfg = tiny_cfg()
     dp, pp, tp = mesh_shape
@@ -138,7 +141,8 @@ def check_layout(mesh_shape, schedule="1f1b", n_micro=None, virtual=1, sp=False)
         ref_eval = F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).item()
     r["eval_loss"] = abs(topo.mean_over_dp(losses.mean()).item() - ref_eval) / ref_eval if last else 0.0
     r["no_grads"] = all(p.grad is None for p in params)
-    r["params_after"] = max((full(p.detach()) - rp[ref_name(n)].detach()).abs().max().item() for n, p in named)
+    r["params_after"], r["worst"] = max(((full(p.detach()) - rp[ref_name(n)].detach()).abs().max().item(), n)
+                                        for n, p in named)
 
     # the two copies of the tied embedding: exchange over the pp group and compare bitwise
     emb = None

@@ -48,19 +48,25 @@ def test_run_directory_contents_and_metrics(tmp_path, sotu_small):
     assert train(run_dir, [], config=None) == 0
 
 
-def test_crash_during_save_keeps_latest_good_checkpoint(tmp_path, sotu_small, monkeypatch):
+def test_failed_save_keeps_latest_good_checkpoint(tmp_path, sotu_small, monkeypatch):
+    """A save that fails mid-write (here: the DCP writer raises) leaves the previous checkpoint and
+    `latest` untouched and removes its partial .tmp; a crash that leaves a .tmp behind is ignored."""
+    import torch.distributed.checkpoint.filesystem as fs
     run_dir = tmp_path / "run"
     train(run_dir, tiny_overrides(sotu_small), stop_after=3)
     good = (run_dir / "checkpoints/latest").read_text()
 
     def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(ckpt, "save_file", boom)
-    with pytest.raises(OSError):
+        raise OSError("simulated write failure")
+    monkeypatch.setattr(fs, "_write_item", boom)
+    with pytest.raises(UserError, match="saving checkpoint step 6 .* failed .*simulated write failure.*removed the "
+                                        "partial step_00000006.tmp, step_00000003 is intact"):
         train(run_dir, [], config=None, stop_after=3)
     monkeypatch.undo()
     assert (run_dir / "checkpoints/latest").read_text() == good
-    assert (run_dir / "checkpoints/step_00000006.tmp").exists()  # the half-written one, ignored
+    assert not (run_dir / "checkpoints/step_00000006.tmp").exists()
+    (run_dir / "checkpoints/step_00000006.tmp/dcp").mkdir(parents=True)  # what a kill -9 mid-save leaves
+    (run_dir / "checkpoints/step_00000006.tmp/dcp/__0_0.distcp").write_bytes(b"partial")
     assert train(run_dir, [], config=None) == 0  # resumes from step 3 and cleans up
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
@@ -133,16 +139,20 @@ def test_resume_may_extend_steps_but_not_change_the_model(tmp_path, sotu_small):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
 
 
-def test_damaged_checkpoint_and_torn_metrics_line(tmp_path, sotu_small):
+def test_damaged_checkpoint_falls_back_and_torn_metrics_line(tmp_path, sotu_small, capsys):
     run_dir = tmp_path / "run"
-    train(run_dir, tiny_overrides(sotu_small), stop_after=3)
+    train(run_dir, tiny_overrides(sotu_small, **{"train.save_interval": 1, "train.keep_checkpoints": 3}), stop_after=3)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 1.2')  # a crash mid-write
-    (run_dir / "checkpoints/step_00000003/optimizer.pt").write_bytes(b"garbage")
-    with pytest.raises(UserError, match="step_00000003 is damaged"):
-        train(run_dir, [], config=None)
-    (run_dir / "checkpoints/latest").write_text("step_00000009\n")
-    with pytest.raises(UserError, match="missing or incomplete"):
+    shard = run_dir / "checkpoints/step_00000003/dcp/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    assert train(run_dir, ["train.steps=3"], config=None) == 0  # falls back to step 2, trains step 3 again
+    err = capsys.readouterr().err
+    assert "skipped damaged checkpoint(s) step_00000003" in err and "__0_0.distcp has 100 bytes" in err
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    for step in (1, 2, 3):
+        (run_dir / f"checkpoints/step_{step:08d}/trainer.json").write_text("{")
+    with pytest.raises(UserError, match="no intact checkpoint in .*step_00000003 .*trainer.json has 1 bytes"):
         train(run_dir, [], config=None)
 
 
@@ -165,12 +175,14 @@ def test_extending_a_run_continues_the_lr_schedule(tmp_path, sotu_small):
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    from mtnlg.train.dcp import Checkpointer
     root = tmp_path / "ckpt"
-    state = {"w": torch.zeros(2)}
+    state = {"model.w": torch.zeros(2)}
+    saver = Checkpointer(root, keep=2)
     for step in (100, 200, 300):
-        ckpt.save_checkpoint(root, step, state, {}, {"step": step}, keep=2)
+        saver.save(step, state, {"step": step})
     (root / "latest").write_text("step_00000200\n")  # a user points latest back (e.g. after a bad step)
-    ckpt.save_checkpoint(root, 250, state, {}, {"step": 250}, keep=2)
+    saver.save(250, state, {"step": 250})
     assert ckpt.latest_checkpoint(root).name == "step_00000250"
     assert (root / "step_00000200").exists()
 

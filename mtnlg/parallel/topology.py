@@ -1,8 +1,9 @@
 """What the trainer needs to know about the process layout, in one object.
 
-The trainer never imports parallel code: the ``train`` command builds a
-``Topology`` (trivial for one process) and passes it in.  Each hook has a
-single-process default, so the trainer reads the same either way.
+The trainer imports no parallel machinery, only this record: the ``train``
+command builds a ``Topology`` (``mtnlg.parallel.setup.build``; trivial for
+one process) and passes it in.  Each hook has a single-process default, so
+the trainer reads the same either way.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class Topology:
     # parallel.zero > 0: FSDP2 shards parameters/gradients/optimizer state over dp and reduces gradients
     # in backward (all_reduce_grads does nothing); before_micro_batch(last) runs before each micro-batch
     zero: int = 0
+    # FSDP (zero > 0) or replicate (zero 0) reduce data-parallel gradients in backward hooks
+    grads_reduced_in_backward: bool = False
     before_micro_batch: Callable[[bool], None] = lambda last: None
     loss_context: Callable[[], Any] = contextlib.nullcontext
     full_state_dict: Callable[[torch.nn.Module], dict] = _plain_state_dict
@@ -76,19 +79,10 @@ class Topology:
             dist.broadcast(t, src=self.pp_last_rank, group=self.pp_group)
         return t
 
-    def gather_stages(self, obj: Any) -> list | None:
-        """Every pipeline stage's ``obj`` (a picklable dict of CPU tensors), in
-        stage order, on this pipeline's first stage; None on the other stages."""
-        if self.pp_size == 1:
-            return [obj]
-        out = [None] * self.pp_size if self.pp_rank == 0 else None
-        dist.gather_object(obj, out, dst=self.pp_first_rank, group=self.pp_group)
-        return out
-
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients over data-parallel replicas (one flat bucket).
         Under ZeRO (FSDP) backward already reduce-scattered them."""
-        if self.dp_size == 1 or self.zero:
+        if self.dp_size == 1 or self.zero or self.grads_reduced_in_backward:
             return
         grads = [p.grad for p in params if p.grad is not None]
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
