@@ -47,12 +47,12 @@ def test_starts_from_the_init_weights_and_loss_is_token_weighted(tmp_path, base_
     """Step 1's loss is the base model's mean over the loss tokens of the whole
     global batch, so it cannot depend on how the batch is cut into micro-batches."""
     runs = {}
-    for mb in (8, 4, 1):
+    for mb in (8, 2):
         over = ft_overrides(**{"train.micro_batch": mb, "train.steps": 2, "train.eval_interval": 0,
                                "train.save_interval": 0})
         assert finetune(tmp_path / f"mb{mb}", "--from", base_run, "--data", qa_file, overrides=over) == 0
         runs[mb] = read_metrics(tmp_path / f"mb{mb}")
-    for mb in (4, 1):
+    for mb in (2,):
         for a, b in zip(runs[8], runs[mb]):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["loss_tokens"] == a["loss_tokens"]
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
