@@ -17,10 +17,27 @@ COMMANDS = {
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
     "finetune": ("mtnlg.finetune.run", "fine-tune a trained model on prompt/response or chat JSONL (loss on replies only)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
-    "eval": ("mtnlg.evaluate.perplexity", "loss and perplexity of a trained run on its data splits or a text file"),
     "checkpoint": ("mtnlg.train.checkpoint_cmd", "verify checkpoints, or convert old single-file ones to sharded DCP"),
+    "export": ("mtnlg.convert.export_cmd", "write a run's checkpoint as a Hugging Face GPT-2 directory"),
+    "import": ("mtnlg.convert.import_cmd", "make a run directory from a Hugging Face GPT-2 directory"),
+    "eval": ("mtnlg.evaluate.cli", "perplexity of a run on its data splits or a text file; zero-/few-shot task accuracy (--tasks)"),
+    "lm-eval": ("mtnlg.evaluate.lm_eval_cmd", "lm-evaluation-harness with the mtnlg model and offline tasks registered"),
+    "serve": ("mtnlg.serve.cli", "serve a model over HTTP: Megatron's PUT /api and OpenAI's /v1 API, continuous batching"),
     "plan": ("mtnlg.plan", "predict memory, FLOPs and time of a layout; search the best 3D layout"),
 }
+
+PASS_THROUGH = {"lm-eval"}  # commands that hand unknown arguments to another program
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none worth showing or its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        boring = action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
+        if boring or "default" in text.lower() or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -34,7 +51,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         if wanted is None or name == wanted:  # import only the module we run (or all, for --help)
             importlib.import_module(module).add_arguments(p)
         p.set_defaults(module=module)
@@ -44,7 +61,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PASS_THROUGH:
+        parser.parse_args(argv)  # reports the unrecognized arguments and exits
+    args.passthrough = extra
     if not args.command:
         parser.print_help()
         return 2

@@ -103,6 +103,8 @@ class TrainConfig:
     eval_interval: int = _f(100, "compute validation loss every N steps (0 disables; always at the end)")
     eval_batches: int = _f(10, "micro-batches per validation")
     save_interval: int = _f(500, "checkpoint every N steps (always at the end)")
+    save_interval_minutes: float = _f(0.0, "also checkpoint when this many minutes have passed since the last "
+                                           "checkpoint (0 disables): bounds the work a crash or kill -9 loses")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     async_save: bool = _f(False, "write checkpoints in a background thread while training continues (committed when the write completes)")
     threads: int = _f(0, "torch intra-op threads on CPU; 0 keeps torch's default")
@@ -206,6 +208,8 @@ class Config:
         for name in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "eval_batches", "threads"):
             if getattr(t, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.save_interval_minutes < 0:
+            raise UserError(f"train.save_interval_minutes must be >= 0, got {t.save_interval_minutes}")
         if self.optim.warmup_steps < 0 or self.optim.decay_steps < 0:
             raise UserError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if p.timeout_s <= 0:
@@ -326,3 +330,34 @@ def describe_options() -> str:
             d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append(f"  {sec.name}.{f.name} = {_toml_value(d)}\n      {f.metadata.get('help', '')}")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- data paths
+
+def absolute_data_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """A copy of ``cfg`` whose data paths (blend prefixes, tokenizer, cache dir)
+    are absolute, resolved against ``base`` (default: the current directory).
+    A run records these, so it works from any directory afterwards."""
+    import copy
+    import os
+
+    base = Path(base or os.getcwd())
+    out = copy.deepcopy(cfg)
+    absolute = lambda p: p if not p or os.path.isabs(p) else os.path.normpath(base / p)  # noqa: E731
+    out.data.blend = [[w, absolute(p)] for w, p in out.data.blend]
+    out.data.tokenizer = absolute(out.data.tokenizer)
+    out.data.cache_dir = absolute(out.data.cache_dir)
+    return out
+
+
+def check_relative_data_paths(cfg: Config, config_file: str | Path) -> None:
+    """Runs made before paths were recorded absolutely hold paths relative to the
+    directory they were created in: say so when they are not found from here."""
+    import os
+
+    for p in [p for _, p in cfg.data.blend] + [cfg.data.tokenizer]:
+        found = os.path.exists(p) or os.path.exists(p + ".idx")
+        if p and not os.path.isabs(p) and not found:
+            raise UserError(f"{config_file} names the data path {p!r} relative to the directory the run was "
+                            f"created in, and it is not found from {os.getcwd()}: run the command from that "
+                            f"directory (runs created now record absolute paths)")

@@ -12,6 +12,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, fields
+from itertools import islice
 
 import ftfy
 
@@ -100,6 +101,12 @@ def _top_ngram_fraction(words: list[str], n: int) -> float:
     return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
 
 
+def _more_words_than(text: str, limit: int) -> bool:
+    if len(text) <= limit:  # a word takes at least one character
+        return False
+    return next(islice(_WORD.finditer(text), limit, None), None) is not None
+
+
 class QualityFilter:
     """Ordered document checks; ``reason(text)`` names the first failed one or None."""
 
@@ -114,6 +121,8 @@ class QualityFilter:
 
     def reason(self, text: str) -> str | None:
         c = self.config
+        if c.max_words is not None and _more_words_than(text, c.max_words):
+            return "max_words"  # decided before listing the words: a huge document costs no memory
         words = _WORD.findall(text)
         n = len(words)
         if c.min_words is not None and n < c.min_words:

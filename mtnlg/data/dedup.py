@@ -63,7 +63,11 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def shingle_ids(text: str) -> np.ndarray:
     """Distinct 5-byte shingles of the canonical UTF-8 text, as mixed uint64 ids."""
-    data = np.frombuffer(canonical(text).encode("utf-8"), dtype=np.uint8).astype(np.uint64)
+    return _mixed_shingles(canonical(text).encode("utf-8"))
+
+
+def _mixed_shingles(raw: bytes) -> np.ndarray:
+    data = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
     if data.size < SHINGLE:
         data = np.concatenate([data, np.zeros(SHINGLE - data.size, dtype=np.uint64)])
     n = data.size - SHINGLE + 1
@@ -76,19 +80,23 @@ def shingle_ids(text: str) -> np.ndarray:
 class MinHasher:
     """Computes ``num_perm`` uint32 minima of h_i(x) = (a_i x + b_i) >> 32 (mod 2^64)."""
 
-    def __init__(self, params: MinHashParams, block: int = 2048):
+    def __init__(self, params: MinHashParams, block: int = 2048, window: int = 1 << 18):
         self.params = params
         a, b = params.coefficients()
         self.a, self.b = a[:, None], b[:, None]
         self.block = block
+        self.window = window  # shingles hashed per pass: bounds memory (~50 bytes each) for huge documents
 
     def signature(self, text: str) -> np.ndarray:
-        ids = shingle_ids(text)
+        data = canonical(text).encode("utf-8")
         sig = np.full(self.params.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            for start in range(0, ids.size, self.block):
-                chunk = ids[None, start : start + self.block]
-                np.minimum(sig, (chunk * self.a + self.b).min(axis=1), out=sig)
+            # minima over windows of shingles = minima over all of them (a shingle seen twice changes nothing)
+            for first in range(0, max(len(data) - SHINGLE + 1, 1), self.window):
+                ids = _mixed_shingles(data[first : first + self.window + SHINGLE - 1])
+                for start in range(0, ids.size, self.block):
+                    chunk = ids[None, start : start + self.block]
+                    np.minimum(sig, (chunk * self.a + self.b).min(axis=1), out=sig)
         return (sig >> np.uint64(32)).astype(np.uint32)
 
 

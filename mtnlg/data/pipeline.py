@@ -23,7 +23,7 @@ from mtnlg.data.clean import FilterConfig, QualityFilter, normalize
 from mtnlg.data.dedup import Deduplicator, MinHasher, MinHashParams, exact_hash
 from mtnlg.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from mtnlg.data.readers import Document, Problem
-from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.data.tokenizer import LONG_TEXT_CHARS, Tokenizer
 
 
 @dataclass
@@ -102,8 +102,11 @@ def tokenize_batch(texts: list[str]) -> tuple[list[np.ndarray], dict]:
     tokenizer: Tokenizer = _STATE["tokenizer"]
     t0 = time.process_time()
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    ids = [np.array(e.ids + [tokenizer.eod_id], dtype=dtype)
-           for e in tokenizer.hf.encode_batch(texts, add_special_tokens=False)]
+    eod = np.array([tokenizer.eod_id], dtype=dtype)
+    short = [t for t in texts if len(t) <= LONG_TEXT_CHARS]
+    batched = iter(tokenizer.hf.encode_batch(short, add_special_tokens=False))
+    ids = [np.array(next(batched).ids + [tokenizer.eod_id], dtype=dtype) if len(t) <= LONG_TEXT_CHARS
+           else np.concatenate([tokenizer.encode_array(t, dtype), eod]) for t in texts]  # bounded memory
     return ids, {"tokenize": time.process_time() - t0}
 
 

@@ -12,11 +12,13 @@ import json
 import os
 import sys
 
+from mtnlg.data import decontaminate
 from mtnlg.data.clean import FilterConfig, QualityFilter, normalize
 from mtnlg.data.dedup import MinHashParams
+from mtnlg.data.engine.options import add_engine_arguments
 from mtnlg.data.indexed import IndexedDatasetWriter
 from mtnlg.data.pipeline import Stats, WorkerSetup, run_pipeline
-from mtnlg.data.readers import Problem, expand_inputs, read_documents, shard_files
+from mtnlg.data.readers import MAX_DOCUMENT_BYTES, Problem, expand_inputs, read_documents, shard_files
 from mtnlg.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from mtnlg.errors import UserError
 
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--text-key", default="text", help="JSON key holding the document text (default: text)")
     io.add_argument("--strict", action="store_true",
                     help="stop with an error at the first malformed record instead of counting and skipping it")
+    io.add_argument("--max-document-mb", type=float, default=MAX_DOCUMENT_BYTES / 2**20, metavar="MB",
+                    help="skip (and report as too_long) documents larger than this; peak memory per worker is "
+                         "~25x the largest document (default 64; 0: no limit)")
     io.add_argument("--max-problems-shown", type=int, default=20, metavar="N",
                     help="print at most N malformed-record messages (all are counted; default 20)")
     tok = parser.add_argument_group("tokenizer")
@@ -59,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          + ", ".join(FilterConfig.names()))
     dd.add_argument("--no-filters", action="store_true", help="disable all quality filters")
     dd.add_argument("--no-normalize", action="store_true", help="skip ftfy/NFC/whitespace normalization")
+    decontaminate.add_arguments(dd)
     sc = parser.add_argument_group("scale-out")
     sc.add_argument("--shard", metavar="I/N", help="process only shard I of N (0 <= I < N) of the input files")
     sc.add_argument("--merge", nargs="+", metavar="PREFIX",
@@ -67,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="worker processes for cleaning/hashing/tokenizing (default: all CPU cores)")
     sc.add_argument("--batch-size", type=int, default=32, help="documents per worker task (default 32)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_engine_arguments(parser)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -102,6 +109,12 @@ class ProblemLog:
             print(f"warning: {hidden} more malformed records not shown (see the report)", file=sys.stderr)
 
 
+def max_document_bytes(args: argparse.Namespace) -> int | None:
+    if args.max_document_mb < 0:
+        raise UserError(f"--max-document-mb must be >= 0 (0: no limit), got {args.max_document_mb}")
+    return int(args.max_document_mb * 2**20) or None
+
+
 def filter_config(args: argparse.Namespace) -> FilterConfig:
     config = FilterConfig.disabled() if args.no_filters else FilterConfig()
     for assignment in args.filter:
@@ -111,7 +124,7 @@ def filter_config(args: argparse.Namespace) -> FilterConfig:
 
 def _training_texts(files: list[str], args: argparse.Namespace, config: FilterConfig):
     quality, budget = QualityFilter(config), args.tokenizer_train_bytes
-    for doc in read_documents(files, args.text_key, lambda problem: None):
+    for doc in read_documents(files, args.text_key, lambda problem: None, max_document_bytes(args)):
         text = doc.text if args.no_normalize else normalize(doc.text)
         if text and quality.reason(text) is None:
             budget -= len(text.encode("utf-8"))
@@ -125,9 +138,24 @@ def get_tokenizer(files: list[str], args: argparse.Namespace, config: FilterConf
         return load_tokenizer(args.tokenizer)
     if not args.train_tokenizer:
         raise UserError("give --tokenizer FILE or --train-tokenizer")
-    tokenizer = train_tokenizer(_training_texts(files, args, config), args.vocab_size)
+    seen = {"texts": 0, "bytes": 0}
+
+    def counted(texts):
+        for text in texts:
+            seen["texts"] += 1
+            seen["bytes"] += len(text.encode("utf-8"))
+            yield text
+    tokenizer = train_tokenizer(counted(_training_texts(files, args, config)), args.vocab_size)
+    if not seen["texts"]:
+        raise UserError(f"--train-tokenizer found no text to learn from in {', '.join(files) or 'the input'}: "
+                        f"every document was empty, malformed or removed by the quality filters "
+                        f"(try --text-key or --no-filters); no tokenizer was written")
     path = args.tokenizer_out or args.output + ".tokenizer.json"
     tokenizer.save(path)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"warning: the tokenizer has {tokenizer.vocab_size} tokens, not the {args.vocab_size} asked for: "
+              f"{seen['bytes']:,} bytes of text in {seen['texts']} documents hold no more merges to learn",
+              file=sys.stderr)
     if not args.quiet:
         print(f"trained a {tokenizer.vocab_size}-token byte-level BPE -> {path}", file=sys.stderr)
     return tokenizer
@@ -162,7 +190,13 @@ def _minhash(args: argparse.Namespace) -> MinHashParams:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", None):
+        from mtnlg.data.engine.options import validate
+
+        validate(args)
     if args.merge:
+        if args.decontaminate:
+            raise UserError("--decontaminate applies to --input runs (decontaminate each shard), not to --merge")
         if args.input:
             raise UserError("give either --input or --merge, not both")
         from mtnlg.data.shards import merge_shards
@@ -176,8 +210,16 @@ def run(args: argparse.Namespace) -> int:
     shard, num_shards = parse_shard(args.shard)
     files = shard_files(expand_inputs(args.input), shard, num_shards)
     config = filter_config(args)
+    decon = decontaminate.build(args.decontaminate) if args.decontaminate else None
     tokenizer = get_tokenizer(files, args, config)
     if args.tokenizer_only:
+        return 0
+    if getattr(args, "engine", None):
+        from mtnlg.data.engine import run_engine
+
+        report = run_engine(args, files, config, tokenizer, _minhash(args))
+        if report is not None and not args.quiet:
+            print_summary(report)
         return 0
     stats = Stats()
     problems = ProblemLog(stats, args.strict, args.max_problems_shown, args.quiet)
@@ -188,24 +230,40 @@ def run(args: argparse.Namespace) -> int:
 
         progress = tqdm(unit=" docs", desc="preprocess", dynamic_ncols=True, disable=None)
     with IndexedDatasetWriter(args.output, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.fingerprint()) as writer:
-        kept = run_pipeline(read_documents(files, args.text_key, problems), setup, writer, stats, problems,
+        docs = read_documents(files, args.text_key, problems, max_document_bytes(args))
+        if decon:
+            docs = decontaminate.decontaminate_documents(docs, decon)
+        kept = run_pipeline(docs, setup, writer, stats, problems,
                             workers=max(1, args.workers), batch_size=max(1, args.batch_size), progress=progress)
-        writer.finalize()
+        if stats.documents_out:  # an empty dataset is not written: an earlier PREFIX.bin/.idx stays as it was
+            writer.finalize()
     if progress is not None:
         progress.close()
     problems.summary()
     from mtnlg.data.shards import save_dedup_keys
 
-    if args.dedup != "none":
+    if args.dedup != "none" and stats.documents_out:
         save_dedup_keys(args.output, kept, args.dedup, setup.minhash)
     report = {**stats.as_dict(), "inputs": files, "shard": f"{shard}/{num_shards}", "dedup": args.dedup,
               "dedup_threshold": args.dedup_threshold, "filters": vars(config),
               "tokenizer": {"vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                             "fingerprint": tokenizer.fingerprint().hex()}}
+    if decon:
+        report["decontamination"] = decon.report()
     write_json_atomic(args.output + ".report.json", report)
     if not args.quiet:
         print_summary(report)
+    if not stats.documents_out:
+        raise UserError(no_output_message(report, args.output))
     return 0
+
+
+def no_output_message(report: dict, prefix: str) -> str:
+    removed = sum(report["removed_by_filter"].values())
+    dups = report["exact_duplicates"] + report["fuzzy_duplicates"]
+    return (f"no document survived ({report['documents_in']} read: {report['malformed']} malformed or empty, "
+            f"{removed} removed by quality filters, {dups} duplicates), so {prefix}.bin/.idx were not written; "
+            f"see {prefix}.report.json, and check --text-key or loosen --filter / --no-filters")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,18 @@ from typing import Callable, Iterable, Iterator
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd")
-PROBLEM_KINDS = ("invalid_json", "missing_key", "not_text", "invalid_utf8", "empty", "unreadable")
+PROBLEM_KINDS = ("invalid_json", "missing_key", "not_text", "invalid_utf8", "empty", "unreadable", "too_long")
+# Cleaning, hashing and tokenizing a document costs ~25x its size in memory at peak: larger ones are
+# skipped and reported (``too_long``) unless --max-document-mb is raised.
+MAX_DOCUMENT_BYTES = 64 * 2**20
+
+
+def _too_long(size: int, limit: int | None, path: str, line: int, on_problem: "ProblemHandler") -> bool:
+    if limit is None or size <= limit:
+        return False
+    on_problem(Problem("too_long", path, line, f"{size / 2**20:,.1f} MB exceeds --max-document-mb "
+                                               f"{limit / 2**20:g} (peak memory is ~25x a document's size)"))
+    return True
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,12 @@ def _decode(raw: bytes, path: str, line: int, on_problem: ProblemHandler) -> str
         return None
 
 
-def read_jsonl(path: str, text_key: str, on_problem: ProblemHandler) -> Iterator[Document]:
+def read_jsonl(path: str, text_key: str, on_problem: ProblemHandler,
+               max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Iterator[Document]:
     """One document per line: ``{"<text_key>": "..."}``. Blank lines are ignored."""
     with open_binary(path) as stream:
         for line_no, raw in enumerate(stream, start=1):
-            if not raw.strip():
+            if not raw.strip() or _too_long(len(raw), max_bytes, path, line_no, on_problem):
                 continue
             line = _decode(raw, path, line_no, on_problem)
             if line is None:
@@ -136,10 +148,13 @@ def read_jsonl(path: str, text_key: str, on_problem: ProblemHandler) -> Iterator
             yield Document(text, path, line_no)
 
 
-def read_text_file(path: str, on_problem: ProblemHandler) -> Iterator[Document]:
+def read_text_file(path: str, on_problem: ProblemHandler,
+                   max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Iterator[Document]:
     """A plain-text file is one document (its size bounds the memory used)."""
     with open_binary(path) as stream:
-        raw = stream.read()
+        raw = stream.read(max_bytes + 1) if max_bytes is not None else stream.read()
+    if _too_long(len(raw), max_bytes, path, 1, on_problem):
+        return
     text = _decode(raw, path, 1, on_problem)
     if text is None:
         return
@@ -149,7 +164,8 @@ def read_text_file(path: str, on_problem: ProblemHandler) -> Iterator[Document]:
     yield Document(text, path, 1)
 
 
-def read_documents(files: Iterable[str], text_key: str, on_problem: ProblemHandler) -> Iterator[Document]:
+def read_documents(files: Iterable[str], text_key: str, on_problem: ProblemHandler,
+                   max_bytes: int | None = MAX_DOCUMENT_BYTES) -> Iterator[Document]:
     """Stream documents from every file in order.
 
     A file that cannot be read or decompressed (corrupt gzip/zstd, permission)
@@ -160,11 +176,11 @@ def read_documents(files: Iterable[str], text_key: str, on_problem: ProblemHandl
         last_line = 0
         try:
             if is_json_lines(path):
-                for doc in read_jsonl(path, text_key, on_problem):
+                for doc in read_jsonl(path, text_key, on_problem, max_bytes):
                     last_line = doc.line
                     yield doc
             else:
-                yield from read_text_file(path, on_problem)
+                yield from read_text_file(path, on_problem, max_bytes)
         except Exception as err:
             if not _is_read_error(err):
                 raise

@@ -209,3 +209,31 @@ def build_datasets(blend: list[tuple[float, str]], split: tuple[float, float, fl
                                        _cache_dir(prefix, cache_dir)) if need else None)
         result.append(SampleDataset(parts, dataset_index, within, seq_len))
     return tuple(result)
+
+
+def split_capacity(blend: list[tuple[float, str]], split: tuple[float, float, float], seq_len: int,
+                   index: int) -> int:
+    """How many blended samples split ``index`` (0 train, 1 valid, 2 test) yields before
+    any dataset repeats a sample: one epoch of packed samples of each dataset, in the
+    blend's proportions.  Evaluating "the whole split" means scoring this many."""
+    caps, weights = [], [float(w) for w, _ in blend]
+    for weight, prefix in blend:
+        data = IndexedDataset(prefix, verify=False)
+        first, last = split_ranges(len(data), split)[index]
+        tokens = int(np.asarray(data.doc_lengths[first:last]).sum())
+        caps.append(max(0, (tokens - 1) // seq_len) if weight > 0 else None)
+    used = [(c, w) for c, w in zip(caps, weights) if c is not None]
+    if not used or min(c for c, _ in used) == 0:
+        return 0
+    if len(used) == 1:
+        return used[0][0]
+
+    def fits(n: int) -> bool:
+        owners, _ = blend_indices(weights, n)
+        return all(cap is None or int((owners == i).sum()) <= cap for i, cap in enumerate(caps))
+    total = sum(weights)
+    lo, hi = 0, int(min(cap * total / w for cap, w in used)) + 2
+    while lo < hi:  # largest n that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo

@@ -20,6 +20,7 @@ import numpy as np
 from mtnlg.data.dedup import Deduplicator, MinHashParams
 from mtnlg.data.indexed import IndexedDataset, IndexedDatasetWriter
 from mtnlg.errors import UserError
+from mtnlg.io import write_atomic
 
 _SUMMED = ("documents_in", "malformed", "exact_duplicates", "fuzzy_duplicates", "bytes_in")
 _COUNTERS = ("malformed_by_kind", "removed_by_filter", "stage_seconds")
@@ -110,7 +111,5 @@ def merge_shards(prefixes: list[str], output: str, mode: str, params: MinHashPar
     report.update(documents_out=writer.num_docs, tokens_out=tokens_out, merged_from=list(prefixes), dedup=mode,
                   cross_shard_exact_duplicates=cross["exact"], cross_shard_fuzzy_duplicates=cross["fuzzy"],
                   tokenizer=reports[0].get("tokenizer"))
-    from mtnlg.data.preprocess import write_json_atomic
-
-    write_json_atomic(output + ".report.json", report)
+    write_atomic(output + ".report.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -12,6 +12,8 @@ import hashlib
 import os
 from typing import Iterable
 
+import numpy as np
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -19,6 +21,7 @@ from mtnlg.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
 _PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+LONG_TEXT_CHARS = 1 << 16  # texts longer than this are encoded piecewise (Tokenizer.encode_array)
 
 
 class Tokenizer:
@@ -37,6 +40,26 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_array(self, text: str, dtype=np.int64, chunk_chars: int = LONG_TEXT_CHARS) -> np.ndarray:
+        """Token ids of one (possibly huge) text as an array.  Hugging Face keeps
+        ~70 bytes per token while encoding (offsets, strings, masks), 170x a
+        text's size in all; a long text is therefore encoded in pieces cut before
+        a single space between two non-space characters, where the byte-level
+        pre-tokenizer splits anyway, so the ids are the same as in one piece."""
+        if len(text) <= chunk_chars or not self._cuts_at_spaces():
+            return np.asarray(self.encode(text), dtype=dtype)
+        parts, start = [], 0
+        while start < len(text):
+            end = _piece_end(text, start, chunk_chars)
+            parts.append(np.asarray(self.encode(text[start:end]), dtype=dtype))
+            start = end
+        return np.concatenate(parts)
+
+    def _cuts_at_spaces(self) -> bool:
+        pre = self.hf.pre_tokenizer
+        return (isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space and pre.use_regex
+                and self.hf.normalizer is None)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)
@@ -59,6 +82,21 @@ class Tokenizer:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json())
         os.replace(tmp, path)
+
+
+def _piece_end(text: str, start: int, size: int) -> int:
+    """End of the piece of ``text`` from ``start``: at most ``size`` characters, cut
+    before a ' ' with non-space characters on both sides (the text's end if none)."""
+    if start + size >= len(text):
+        return len(text)
+    cut = start + size
+    while cut > start:
+        cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            break
+        if not text[cut - 1].isspace() and cut + 1 < len(text) and not text[cut + 1].isspace():
+            return cut
+    return len(text)  # no safe cut: encode the rest in one piece
 
 
 def _byte_level(hf: HFTokenizer) -> HFTokenizer:

@@ -131,7 +131,7 @@ class FinetuneDataset:
     def batch(self, first: int, count: int, device: torch.device):
         """(model inputs, targets) of samples ``[first, first + count)``: the
         inputs are a token tensor, or with packing the keyword arguments
-        ``x``, ``positions`` and ``mask`` of ``GPT.forward``."""
+        ``x``, ``start`` (per-token positions) and ``mask`` of ``GPT.forward``."""
         index = self.indices(first, count)
         tokens = torch.from_numpy(self.rows.tokens[index].astype(np.int64))
         keep = torch.from_numpy(self.rows.target_mask(index))
@@ -140,4 +140,4 @@ class FinetuneDataset:
         if not self.document_mask:
             return x, targets
         positions, mask = document_attention(torch.from_numpy(self.rows.doc[index][:, :-1]).to(device))
-        return {"x": x, "positions": positions, "mask": mask}, targets
+        return {"x": x, "start": positions, "mask": mask}, targets

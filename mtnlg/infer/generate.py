@@ -18,6 +18,8 @@ from mtnlg.model.gpt import KVCache
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Scale by temperature, keep the top-k tokens, then the smallest set whose
     probability reaches top_p; everything else becomes -inf."""
+    if top_k < 0 or not 0 < top_p <= 1 or not temperature > 0:
+        raise UserError(f"need temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     logits = logits.float() / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -42,15 +44,22 @@ def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
 def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, *, greedy: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             gather_logits: Callable = lambda x: x) -> torch.Tensor:
-    """Return (B, T + new) token ids; rows that emit ``eos_id`` are padded with it."""
+             gather_logits: Callable = lambda x: x, pad: torch.Tensor | None = None,
+             stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Return (B, T + new) token ids; rows that emit ``eos_id`` are padded with it.
+
+    ``pad`` (B,) gives each row's count of left-padding tokens (prompts of
+    different lengths in one batch); ``stop_fn(tokens) -> (B,) bool`` marks rows
+    that are done (e.g. a stop string appeared); they are then padded with
+    ``eos_id`` like finished rows."""
     B, T = prompt.shape
-    _check_length(model, T, max_new_tokens)
+    _check_length(model, T - (int(pad.min()) if pad is not None else 0), max_new_tokens)
     model.eval()
     cache = KVCache(max_len=T + max_new_tokens) if use_cache else None
     tokens = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    logits = gather_logits(model(prompt, cache, 0))[:, -1]
+    kw = {} if pad is None else {"pad": pad}
+    logits = gather_logits(model(prompt, cache, 0, **kw))[:, -1]
     for i in range(max_new_tokens):
         if greedy:
             nxt = logits.float().argmax(-1)
@@ -61,21 +70,32 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, 
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if i == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+        if stop_fn is not None:
+            finished |= stop_fn(tokens)
+        if i == max_new_tokens - 1 or bool(finished.all()):
             break
         if use_cache:
-            logits = gather_logits(model(nxt[:, None], cache, tokens.shape[1] - 1))[:, -1]
+            logits = gather_logits(model(nxt[:, None], cache, tokens.shape[1] - 1, **kw))[:, -1]
         else:
-            logits = gather_logits(model(tokens))[:, -1]
+            logits = gather_logits(model(tokens, **kw))[:, -1]
     return tokens
 
 
-@torch.no_grad()
 def beam_search(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
                 eos_id: int | None = None, length_penalty: float = 1.0,
                 gather_logits: Callable = lambda x: x) -> tuple[torch.Tensor, float]:
     """Beam search for one prompt (1, T).  Returns the best sequence and its
     length-normalised log-probability (score / length**length_penalty)."""
+    best, score = beam_candidates(model, prompt, max_new_tokens, num_beams, eos_id, length_penalty, gather_logits)[0]
+    return best[None], score
+
+
+@torch.no_grad()
+def beam_candidates(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
+                    eos_id: int | None = None, length_penalty: float = 1.0,
+                    gather_logits: Callable = lambda x: x) -> list[tuple[torch.Tensor, float]]:
+    """Every finished hypothesis of a beam search for one prompt (1, T) as
+    (sequence (T + n,), length-normalised score), best first."""
     if prompt.shape[0] != 1:
         raise UserError("beam search takes one prompt at a time")
     T = prompt.shape[1]
@@ -107,5 +127,14 @@ def beam_search(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: in
     for b in range(len(beams)):
         if eos_id is None or beams[b, -1].item() != eos_id:
             done.append((scores[b].item() / (n ** length_penalty), beams[b]))
-    best = max(done, key=lambda x: x[0])
-    return best[1][None], best[0]
+    done.sort(key=lambda x: -x[0])
+    return [(seq, score) for score, seq in done]
+
+
+def beam_search_all(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int, num_beams: int = 4,
+                    eos_id: int | None = None, length_penalty: float = 1.0,
+                    gather_logits: Callable = lambda x: x) -> list[tuple[list[int], float]]:
+    """The ``num_beams`` best finished hypotheses of a beam search for one prompt
+    (1, T) as (prompt + generation token list, length-normalised score), best first."""
+    found = beam_candidates(model, prompt, max_new_tokens, num_beams, eos_id, length_penalty, gather_logits)
+    return [(seq.tolist(), score) for seq, score in found[:num_beams]]

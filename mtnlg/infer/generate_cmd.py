@@ -8,6 +8,8 @@ import torch
 
 from mtnlg.errors import UserError
 
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory made by `mtnlg train`")
@@ -19,10 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message put before each --chat message")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature for sampling")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: smallest set with this probability mass")
-    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"softmax temperature for sampling (default: {SAMPLING_DEFAULTS['temperature']})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: 0 = all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling: smallest set with this probability mass "
+                        f"(default: {SAMPLING_DEFAULTS['top_p']})")
+    p.add_argument("--beams", type=int, default=1,
+                   help="beam search with this many beams (1: no beam search); deterministic, so it takes "
+                        "no sampling options")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; for checking)")
@@ -34,12 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from mtnlg.infer.generate import beam_search, generate
     from mtnlg.infer.load import load_run
 
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.beams < 1:
-        raise UserError("--max-new-tokens, --num-samples and --beams must be >= 1")
-    if args.temperature <= 0 and not args.greedy:
-        raise UserError("--temperature must be > 0 (use --greedy for deterministic decoding)")
-    if not 0 < args.top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
+    check_options(args)
     from mtnlg.parallel.mesh import pick_device
     device = pick_device(args.device, 0)
     cfg, model, tok = load_run(args.run, device, args.checkpoint)
@@ -64,3 +67,29 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"--- {prompt!r} (sample {i + 1})\n{prompt}{text}\n", flush=True)
     return 0
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse values that cannot work or would be ignored; fill in sampling defaults."""
+    for name in ("max_new_tokens", "num_samples", "beams"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k) is not None]
+    if args.beams > 1 and (given or args.greedy):
+        raise UserError(f"--beams {args.beams} is deterministic beam search: {', '.join(given or ['--greedy'])} "
+                        f"only apply to sampling; drop them, or use --beams 1 to sample")
+    if args.beams > 1 and args.num_samples > 1:
+        raise UserError(f"--beams gives one result per prompt; --num-samples {args.num_samples} would repeat it")
+    if args.greedy and given:
+        raise UserError(f"--greedy always takes the most likely token: {', '.join(given)} only apply to "
+                        f"sampling; drop them or --greedy")
+    for k, v in SAMPLING_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not args.temperature > 0 or args.temperature == float("inf"):
+        raise UserError(f"--temperature must be a positive number, got {args.temperature} "
+                        f"(use --greedy for deterministic decoding)")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")

@@ -12,12 +12,16 @@ from mtnlg.errors import UserError
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
              dtype: torch.dtype = torch.float32):
-    """Return (cfg, model in eval mode, tokenizer) from a run directory."""
+    """Return (cfg, model in eval mode, tokenizer) from a run directory, or from a
+    Hugging Face GPT-2 directory (config.json; see mtnlg.convert.hf.load_hf_gpt2)."""
     from mtnlg.data.tokenizer import load_tokenizer
     from mtnlg.model.gpt import build_model
     from mtnlg.train.checkpoint import iter_model_tensors, latest_checkpoint, model_shapes, verify_checkpoint
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").exists() and (run_dir / "config.json").exists() and checkpoint is None:
+        from mtnlg.convert.hf import load_hf_gpt2  # a Hugging Face GPT-2 directory works too
+        return load_hf_gpt2(run_dir, device, dtype)
     if not (run_dir / "config.toml").exists():
         raise UserError(f"{run_dir} is not a run directory (no config.toml); train one with `mtnlg train --run {run_dir}`")
     cfg: Config = load_config(run_dir / "config.toml")

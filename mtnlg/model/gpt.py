@@ -14,6 +14,10 @@ tensor, pipeline and data parallelism are applied to it from outside
   stage is the same model with some entries deleted, and parameter names
   match the full model's.
 
+Batches of prompts of different lengths are left-padded: ``forward(x, pad=p)``
+takes each row's count of leading pad tokens, starts that row's positions at
+its first real token and hides the pads from every real query.
+
 Shapes: B batch, T time, C hidden, H heads, D head_dim, V padded vocabulary.
 """
 from __future__ import annotations
@@ -54,6 +58,22 @@ class KVCache:
         self.values[layer][:, :, start:start + T] = v
         return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]
 
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the new keys/values, then attention of the new queries
+        (positions start..start+T-1) over every cached key up to their own
+        position (or as ``mask`` says: left padding, see ``GPT.padding_mask``).
+        Attention layers call this whenever a cache is given, so another cache
+        (the serving engine's ``SlotKVCache``) can lay out sequences its own way."""
+        T = q.shape[2]
+        k, v = self.update(layer, k, v, start)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams)."""
         for name in self.keys:
@@ -71,22 +91,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, start)
-        if mask is not None:  # (B, 1, T, start + T) boolean: True where a query may see a key
+        if cache is not None:  # incremental decoding: the cache knows which earlier keys each query sees
+            y = (cache.attend(self.layer_id, q, k, v, start) if mask is None
+                 else cache.attend(self.layer_id, q, k, v, start, mask))
+        elif mask is not None:  # (B, 1, T, T) boolean, from GPT.padding_mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif cache is None or start == 0:
+        else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:  # new queries sit at positions start..start+T-1 and see every earlier key
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
@@ -110,7 +128,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start, mask)
         return x + self.mlp(self.ln_2(x))
@@ -118,12 +136,6 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT language model.  ``forward(tokens) -> logits`` of shape (B, T, V).
-
-    Optional ``positions`` (B, T) and ``mask`` (B, 1, T, S) boolean (True
-    where query t may attend to key s) replace the default positions
-    ``start..start+T-1`` and the causal mask: several documents packed into
-    one row then each restart at position 0 and see only themselves
-    (``mtnlg.finetune.pack.document_attention`` builds both from document ids).
 
     Any of ``tok_emb``, ``blocks`` entries, ``ln_f`` or ``lm_head`` may be
     absent (set to None / deleted) on a pipeline stage; forward then skips it
@@ -142,16 +154,34 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, self.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0,
+                pad: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``start`` is the position of the first token (all rows alike), or a
+        (B, T) tensor of every token's position, for tokens of sequences at
+        different lengths (the serving engine packs a step's tokens into one
+        row; its ``cache`` then understands that layout, see
+        ``mtnlg.serve.cache.SlotKVCache``).  ``pad`` (B,) counts each row's
+        leading pad tokens (left padding, integer ``start``); the columns
+        ``start..start+T-1`` of row b then sit at positions ``col - pad[b]``.
+        ``mask`` (B, 1, T, T) boolean replaces the causal mask (True where query
+        t may see key s): fine-tuning packs several examples into one row, each
+        with its own positions (``start`` as a tensor) and seeing only itself
+        (``mtnlg.finetune.pack.document_attention`` builds both)."""
+        T = x.shape[1]
+        if pad is not None:
+            mask = self.padding_mask(pad, start, T)
         if self.tok_emb is not None:
-            T = x.shape[1]
-            if start + T > self.cfg.seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
-            pos = torch.arange(start, start + T, device=x.device) if positions is None else positions
+            if isinstance(start, torch.Tensor):
+                pos = start
+            else:
+                if start + T > self.cfg.seq_len:
+                    raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+                pos = torch.arange(start, start + T, device=x.device)
+                if pad is not None:
+                    pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T); pads take position 0
             x = self.drop(self.tok_emb(x) + self.pos_emb(pos))
         for block in self.blocks.values():
-            x = block(x, cache, start) if mask is None else block(x, cache, start, mask)
+            x = block(x, cache, start, mask)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.lm_head is not None:
@@ -172,6 +202,17 @@ class GPT(nn.Module):
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
             std = std / math.sqrt(2.0 * self.cfg.n_layers)
         return "normal", std, "tok_emb.weight" if name == "lm_head.weight" else name
+
+    @staticmethod
+    def padding_mask(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """(B, 1, T, start+T) attention mask for left-padded rows: the query in
+        column j sees key column k when k <= j and k is not a pad.  A pad query
+        sees itself only, so no softmax row is empty (an empty row would give
+        NaN, and 0 * NaN poisons later layers even through a masked weight)."""
+        q = torch.arange(start, start + T, device=pad.device)[:, None]
+        k = torch.arange(start + T, device=pad.device)[None, :]
+        real = k[None] >= pad[:, None, None]
+        return ((k <= q)[None] & real | (k == q)[None])[:, None]
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from mtnlg.config import Config, apply_overrides, dump_toml, load_config
+from mtnlg.config import (Config, absolute_data_paths, apply_overrides, check_relative_data_paths, dump_toml,
+                          load_config)
 from mtnlg.errors import UserError
 
 
@@ -30,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values are TOML literals)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after N steps in this invocation; run again to continue")
+    p.add_argument("--profile", type=int, default=None, metavar="N",
+                   help="profile N training steps (after one warm-up step) with torch.profiler, print where the "
+                        "time goes by class and write DIR/profile/trace-rankR.json; saves no checkpoint or metrics")
 
 
 def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> tuple[Config, bool]:
@@ -37,17 +42,20 @@ def resolve_config(run_dir: Path, config: str | None, overrides: list[str]) -> t
     saved = run_dir / "config.toml"
     if saved.exists():
         from mtnlg.train.trainer import config_digest
-        cfg = load_config(saved, overrides)
-        if config_digest(cfg) != config_digest(load_config(saved)):
+        cfg, recorded = load_config(saved, overrides), load_config(saved)
+        if config_digest(absolute_data_paths(cfg)) != config_digest(absolute_data_paths(recorded)):
             raise UserError(f"--set may not change the model, data or optimizer of the existing run {run_dir} "
                             f"(only train.steps, intervals and logging.*); start a new --run instead")
-        if config and config_digest(load_config(config, overrides)) != config_digest(cfg):
+        if config and (config_digest(absolute_data_paths(load_config(config, overrides)))
+                       != config_digest(absolute_data_paths(cfg))):
             raise UserError(f"run directory {run_dir} already holds a run with a different config; "
                             f"omit --config to resume it, or choose a new --run")
+        cfg.data = recorded.data  # --set may respell a data path (relative/absolute), but the run keeps its own
+        check_relative_data_paths(cfg, saved)
         return cfg, True
     if not config:
         raise UserError(f"{run_dir} holds no run yet: pass --config (e.g. configs/tiny.toml)")
-    return load_config(config, overrides), False
+    return absolute_data_paths(load_config(config, overrides)), False  # the run works from any directory
 
 
 def data_blend(cfg: Config) -> list[tuple[float, str]]:
@@ -91,7 +99,7 @@ def build_data(cfg: Config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtnlg.train.metrics import default_peak_tflops
+    from mtnlg.train.metrics import peak_tflops, precision_warning
     from mtnlg.train.trainer import Trainer
 
     run_dir = Path(args.run)
@@ -126,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     topo.barrier()
 
     train_ds, valid_ds, _ = build_data(cfg)
-    peak = cfg.logging.peak_tflops or default_peak_tflops(device, cfg.train.precision)
+    peak, peak_source = peak_tflops(device, cfg.train.precision, cfg.logging.peak_tflops)
+    warning = precision_warning(device, cfg.train.precision)
+    if warning and topo.is_main:
+        print(warning, file=sys.stderr, flush=True)
     trainer = Trainer(cfg, model, train_ds, valid_ds, run_dir, device, topo, peak_tflops=peak)
     resumed = trainer.resume()
     if topo.is_main:
@@ -136,10 +147,49 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtnlg train: {what} in {run_dir} | {n_params / 1e6:.2f}M params | device {device} | "
               f"world {topo.world_size} (dp {topo.dp_size}{f', zero {topo.zero}' if topo.zero else ''}) | "
               f"{cfg.train.precision} | "
-              f"train samples {len(train_ds)} | peak {peak:.3f} TFLOP/s", flush=True)
+              f"train samples {len(train_ds)} | MFU peak {peak:.3f} TFLOP/s ({peak_source})", flush=True)
+    if args.profile is not None:
+        return profile_run(trainer, run_dir, args.profile)
     if trainer.step >= cfg.train.steps:
         if topo.is_main:
             print(f"mtnlg train: run already finished ({trainer.step}/{cfg.train.steps} steps)")
         return 0
-    trainer.fit(stop_after=args.stop_after)
+    return fit_and_report(trainer, cfg, run_dir, args.stop_after)
+
+
+def profile_run(trainer, run_dir: Path, steps: int) -> int:
+    """``--profile N``: time N steps by class of operation (mtnlg/perf/breakdown.py) on every
+    rank; rank 0 prints its table.  The steps change only the in-memory model."""
+    from mtnlg.perf.breakdown import format_table, profile_steps
+    if steps < 1:
+        raise UserError(f"--profile needs at least 1 step, got {steps}")
+    out = run_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / f"trace-rank{trainer.topo.rank}.json"
+    result = profile_steps(trainer, steps, warmup=1, trace=trace)
+    if trainer.topo.is_main:
+        print(f"mtnlg train --profile: {steps} steps after 1 warm-up, rank 0 of {trainer.topo.world_size} "
+              f"(self time by class; idle = wall time with no op running: Python, waiting for other ranks)")
+        print(format_table(result))
+        print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
     return 0
+
+
+def fit_and_report(trainer, cfg: Config, run_dir: Path, stop_after: int | None) -> int:
+    """Train, then print where the run stands and how to go on; the exit code says
+    whether it finished (0) or was stopped by a signal with a checkpoint (75)."""
+    import time
+
+    from mtnlg.train import checkpoint as ckpt
+    from mtnlg.train.summary import end_of_training
+    t0 = time.perf_counter()
+    records = trainer.fit(stop_after=stop_after)
+    try:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    except Exception:  # noqa: BLE001 - the summary must not hide the run's outcome
+        latest = None
+    lines, code = end_of_training(records, trainer.step, cfg.train.steps, run_dir, latest, trainer.stop_reason,
+                                  trainer.topo.world_size, time.perf_counter() - t0)
+    if trainer.topo.is_main:
+        print("\n".join(lines), flush=True)
+    return code

@@ -30,6 +30,7 @@ from mtnlg.train.metrics import MetricsLogger
 from mtnlg.train.precision import MasterWeights, autocast, param_dtype
 from mtnlg.train.schedule import global_batch_at, lr_at
 from mtnlg.parallel.topology import Topology
+from mtnlg.train.signals import StopRequest
 
 
 def config_digest(cfg: Config) -> str:
@@ -38,8 +39,8 @@ def config_digest(cfg: Config) -> str:
     d.pop("parallel")  # checkpoints are resharded on load: a run may resume under another layout...
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
-                  if k not in ("steps", "eval_interval", "save_interval", "keep_checkpoints", "threads", "compile",
-                               "async_save")}
+                  if k not in ("steps", "eval_interval", "save_interval", "save_interval_minutes", "keep_checkpoints",
+                               "threads", "compile", "async_save")}
     if d.get("finetune") == to_dict(Config())["finetune"]:
         d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -335,7 +336,10 @@ class Trainer:
         records: list[dict] = []
         self.model.train()
         busy, tokens = 0.0, 0  # seconds spent in train steps since the last log, and their tokens
+        stop = StopRequest(self.topo.rank)  # SIGTERM/SIGINT: finish the step, save, stop (mtnlg/train/signals.py)
+        self.stop_reason, self._last_save = "", time.monotonic()
         try:
+            stop.__enter__()
             while self.step < end:
                 t0 = time.perf_counter()
                 record = self.train_step()
@@ -357,14 +361,40 @@ class Trainer:
                     record["tflops"] = tps * self.flops_per_token / 1e12 / self.topo.world_size
                     if self.peak_tflops > 0:
                         record["mfu"] = record["tflops"] / self.peak_tflops
+                        record["peak_tflops"] = self.peak_tflops
                     if self.device.type == "cuda":
                         record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     logger.log(record)
                     records.append(record)
                     busy, tokens = 0.0, 0
-                if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or last:
+                saved = bool(cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or last
+                if saved:
                     self.save()
                 self.finish_checkpoint(wait=last)  # commits a finished asynchronous save
+                if not last and self._stop_or_save(stop, saved):
+                    break
         finally:
+            stop.__exit__()
             logger.close()
         return records
+
+    def _stop_or_save(self, stop: StopRequest, saved: bool) -> bool:
+        """After each step, every rank agrees on preemption and time-based saves;
+        True means: a signal arrived, the checkpoint of this step is written, stop."""
+        now = time.monotonic()
+        if saved:
+            self._last_save = now
+        minutes = self.cfg.train.save_interval_minutes
+        due = bool(minutes) and self.topo.is_main and now - self._last_save >= 60 * minutes
+        decision = stop.poll(self.device, save_due=due and not saved)
+        if decision.stop:
+            stop.abort_on_next_signal()  # a second signal during the save aborts at once
+            if not saved:
+                self.save()
+            self.finish_checkpoint(wait=True)  # an asynchronous save must be on disk before the exit
+            self.stop_reason = decision.signal_name
+            return True
+        if decision.save:
+            self.save()
+            self._last_save = time.monotonic()
+        return False

@@ -62,7 +62,7 @@ def test_changing_prompt_targets_leaves_the_loss_changing_response_targets_does_
     ds = FinetuneDataset(rows, seed=0, shuffle=False)
     x, y = ds.batch(0, len(ds), torch.device("cpu"))
     with torch.no_grad():
-        logits = model(x["x"], positions=x["positions"], mask=x["mask"]).flatten(0, 1)
+        logits = model(x["x"], start=x["start"], mask=x["mask"]).flatten(0, 1)
 
     def loss_with_target_token_changed(r, t):
         other = copy.deepcopy(rows)
@@ -95,7 +95,7 @@ def test_loss_is_the_mean_over_response_tokens_computed_independently(tok, model
     ds = FinetuneDataset(build_rows(examples, CFG.seq_len + 1, tok.eod_id, pack=True), seed=0, shuffle=False)
     x, y = ds.batch(0, len(ds), torch.device("cpu"))
     with torch.no_grad():
-        ours = cross_entropy_fp32(model(x["x"], positions=x["positions"], mask=x["mask"]).flatten(0, 1), y.flatten(), denom=ds.loss_tokens(0, len(ds)))
+        ours = cross_entropy_fp32(model(x["x"], start=x["start"], mask=x["mask"]).flatten(0, 1), y.flatten(), denom=ds.loss_tokens(0, len(ds)))
         nll = []
         for r in records:
             ids, mask = encode_record(*(("pair", (r["prompt"], r["response"])) if "prompt" in r
@@ -113,7 +113,7 @@ def test_packed_example_logits_equal_the_example_alone(tok, model, tmp_path):
     x, _ = FinetuneDataset(rows, seed=0, shuffle=False).batch(0, len(rows), torch.device("cpu"))
     worst = 0.0
     with torch.no_grad():
-        packed = model(x["x"], positions=x["positions"], mask=x["mask"])
+        packed = model(x["x"], start=x["start"], mask=x["mask"])
         unmasked = model(x["x"])  # the same rows with plain causal attention
         for r in range(len(rows)):
             for d in sorted(set(rows.doc[r, :-1].tolist()) - {-1}):

@@ -67,6 +67,27 @@ def test_cached_and_uncached_greedy_decoding_agree():
     assert torch.equal(a, b)
 
 
+def test_left_padding_changes_nothing_for_real_tokens():
+    """forward(pad=...) starts each row's positions at its first real token and hides
+    the pads: real-token logits equal the row alone (full forward and KV-cached steps),
+    and padded greedy decoding equals each prompt decoded alone."""
+    model = build_model(CFG, "cpu", seed=4).eval()
+    rows = [torch.randint(0, 200, (n,)) for n in (9, 4, 1)]
+    pad = torch.tensor([9 - len(r) for r in rows])
+    x = torch.stack([torch.cat([torch.full((9 - len(r),), 7), r]) for r in rows])
+    with torch.no_grad():
+        full = model(x, pad=pad)
+        cache = KVCache(max_len=12)
+        stepped = torch.cat([model(x[:, :5], cache, 0, pad=pad), model(x[:, 5:], cache, 5, pad=pad)], 1)
+        for i, r in enumerate(rows):
+            alone = model(r[None])[0]
+            torch.testing.assert_close(full[i, pad[i]:], alone, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(stepped[i, pad[i]:], alone, atol=2e-5, rtol=1e-5)
+    out = generate(model, x, 12, greedy=True, pad=pad)
+    for i, r in enumerate(rows):
+        assert torch.equal(out[i, 9:], generate(model, r[None], 12, greedy=True)[0, len(r):])
+
+
 def test_sampling_is_seeded_and_respects_filters():
     model = build_model(CFG, "cpu", seed=3)
     prompt = torch.randint(0, 200, (1, 4))

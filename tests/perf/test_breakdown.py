@@ -57,3 +57,21 @@ def test_profiled_step_adds_up_and_classifies_the_heavy_ops(tmp_path):
     assert "gemm" in table and "step (wall)" in table
     # the patched methods are restored
     assert "_batch" not in trainer.__dict__ and "step" not in trainer.optimizer.__dict__
+
+
+def test_train_profile_flag_prints_the_table_and_saves_nothing(sotu_small, tmp_path, capsys):
+    from mtnlg.cli import main
+    from trainhelpers import tiny_overrides
+    run = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny.toml", "--run", str(run), "--profile", "2"]
+    for o in tiny_overrides(sotu_small, **{"train.precision": "bf16"}):
+        argv += ["--set", o]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gemm" in out and "step (wall)" in out and "trace-rank0.json" in out
+    assert (run / "profile" / "trace-rank0.json").stat().st_size > 1000
+    assert not (run / "checkpoints" / "latest").exists()
+    metrics = run / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()
+    assert main(["train", "--run", str(run), "--profile", "0"]) == 2
+    assert "at least 1 step" in capsys.readouterr().err
