@@ -162,6 +162,13 @@ def test_chat_generation_and_held_out_scores(tmp_path, base_run, qa_file, capsys
                  "--max-new-tokens", "5", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert line["prompt"] == "Who served the Union?" and isinstance(line["completion"], str)
+    import mtnlg.api
+    lm = mtnlg.api.from_pretrained(tmp_path / "r", device="cpu")
+    conv = [{"role": "user", "content": "Who served the Union?"}]
+    assert lm.chat(conv, max_new_tokens=5) == line["completion"]  # the API renders like `generate --chat`
+    assert lm.chat([conv, conv], max_new_tokens=5) == [line["completion"]] * 2
+    with pytest.raises(UserError, match="no chat template"):
+        mtnlg.api.from_pretrained(base_run, device="cpu").chat(conv)
     assert main(["generate", "--run", str(base_run), "--chat", "hi"]) == 2
     assert "has no chat_template.json" in capsys.readouterr().err
     # the held-out response loss (padded, one example per row) is the trainer's packed val_loss
