@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0  # keep equal to constraints.txt
 RUN     ?= runs/tiny
 DATA    := runs/data/sotu
 
-.PHONY: setup demo data train sample test test-slow bench clean
+.PHONY: setup demo data train sample eval test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ sample: train
 		--prompt "Our economy" --max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1
 
 demo: sample
+
+# zero-shot tasks on the demo model (first 500 examples of each; docs/eval.md)
+eval: train
+	$(BIN)/mtnlg eval --run $(RUN) --tasks all --limit 500 --json $(RUN)/eval.json
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -54,7 +54,7 @@ def main() -> None:
     from mtnlg.evaluate.tasks import parse_tasks
     specs = parse_tasks(args.tasks)
     t0 = time.perf_counter()
-    ours = evaluate(load_hf_lm(hf_dir, torch.device("cpu")), specs, limit=args.limit, batch_size=8)
+    ours = evaluate(load_hf_lm(hf_dir, torch.device("cpu")), specs, limit=args.limit, batch_size=4)
     t_ours = time.perf_counter() - t0
 
     import lm_eval
@@ -63,7 +63,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tm = TaskManager(include_path=write_task_yamls(out / "tasks"), include_defaults=False)
     hflm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(hf_dir), tokenizer=AutoTokenizer.from_pretrained(hf_dir),
-                batch_size=8, device="cpu")
+                batch_size=4, device="cpu")
     t0 = time.perf_counter()
     theirs = lm_eval.simple_evaluate(model=hflm, tasks=[LOCAL_NAMES[s.name] for s in specs], limit=args.limit,
                                      task_manager=tm, bootstrap_iters=0)["results"]

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 
-def tiny_config(tp=1, pp=1, dp=1, zero=0, precision="fp32", async_save=False, layers=2, hidden=32, keep=2):
+def tiny_config(tp=1, pp=1, dp=1, zero=0, precision="fp32", async_save=False, layers=2, hidden=32, keep=2,
+                schedule=None):
     from mtnlg.config import Config
     cfg = Config()
     m, t, o = cfg.model, cfg.train, cfg.optim
@@ -17,6 +18,8 @@ def tiny_config(tp=1, pp=1, dp=1, zero=0, precision="fp32", async_save=False, la
     t.async_save, t.keep_checkpoints = async_save, keep
     o.lr, o.warmup_steps, o.grad_clip = 3e-3, 1, 1.0
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.zero = tp, pp, dp, zero
+    if schedule:
+        cfg.parallel.pp_schedule = schedule
     return cfg
 
 

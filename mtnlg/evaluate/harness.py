@@ -116,10 +116,15 @@ def format_table(report: dict) -> str:
             se = t["stderr"][metric]
             head = f"{name:<15}{t['shots']:>6}{t['samples']:>7}" if j == 0 else " " * 28
             trunc = f"{t['truncated']:>11}" if j == 0 else ""
-            shown = f"{value:10.2f}" if metric == "perplexity" else f"{value:10.4f}"
-            se_s = f"{'-':>11}" if se is None else f"{se:11.2f}" if metric == "perplexity" else f"{se:11.4f}"
+            shown, se_s = _fmt(value, metric, 10), f"{'-':>11}" if se is None else _fmt(se, metric, 11)
             lines.append(f"{head}  {metric:<11}{shown}{se_s}{trunc}")
     return "\n".join(lines)
+
+
+def _fmt(x: float, metric: str, width: int) -> str:
+    if metric != "perplexity":
+        return f"{x:{width}.4f}"
+    return f"{x:{width}.2f}" if abs(x) < 1e6 else f"{x:{width}.3e}"
 
 
 def log_stderr(msg: str) -> None:

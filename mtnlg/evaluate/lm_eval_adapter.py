@@ -13,13 +13,11 @@ YAMLs on its include path):
 Model arguments: ``run=DIR`` (a trained run) or ``hf=DIR`` (a Hugging Face
 causal LM), ``checkpoint=``, ``dtype=fp32|bf16|fp16``, ``device=cpu|cuda``,
 ``batch_size=``.  Scoring is our scorer (mtnlg/evaluate/scoring.py);
-``generate_until`` decodes greedily.  Under lm-eval's own data-parallel
-launch (``accelerate``/torchrun) requests are split by lm-eval through
-``rank``/``world_size``.
+``generate_until`` decodes greedily.  Under ``torchrun`` the class joins the
+process group, lm-eval gives each rank its share of the requests and gathers
+the results through ``all_gather``/``gather_object`` below.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from lm_eval.api.model import LM
@@ -35,10 +33,10 @@ class MtnlgLM(LM):
                  max_gen_toks: int = 256, **_ignored):
         super().__init__()
         from mtnlg.errors import UserError
-        from mtnlg.parallel.mesh import pick_device
         if bool(run) == bool(hf):
             raise UserError("model_args needs exactly one of run=DIR or hf=DIR")
-        dev = pick_device(device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
+        from mtnlg.parallel.mesh import init_distributed
+        self._rank, self._world_size, dev = init_distributed("auto", device=device or "auto")
         if run:
             from mtnlg.evaluate.models import load_run_lm
             self.lm = load_run_lm(run, dev, checkpoint, dtype)
@@ -47,8 +45,6 @@ class MtnlgLM(LM):
             self.lm = load_hf_lm(hf, dev, dtype)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> 16
         self.max_gen_toks = int(max_gen_toks)
-        self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "MtnlgLM":
@@ -69,6 +65,33 @@ class MtnlgLM(LM):
     @property
     def world_size(self) -> int:
         return self._world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    # collectives lm-eval's evaluator calls when world_size > 1 (torchrun: one process group, gloo or nccl)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size == 1:
+            return tensor
+        import torch.distributed as dist
+        flat = tensor.reshape(-1)
+        parts = [torch.empty_like(flat) for _ in range(self._world_size)]
+        dist.all_gather(parts, flat)
+        return torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self._world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return score_text_pairs(self.lm, [tuple(r.args[:2]) for r in requests], self.batch_size)

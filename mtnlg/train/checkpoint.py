@@ -168,18 +168,22 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> None:
 def latest_checkpoint(root: Path, verify: bool = True) -> Path | None:
     """The checkpoint ``root/latest`` names, or, if that one is missing or
     damaged, the newest intact earlier ``step_*`` (with a warning naming what
-    was skipped).  None when there is no ``latest`` yet; UserError when no
+    was skipped).  None when there is no checkpoint yet; UserError when no
     candidate is intact.  ``verify=False`` skips the checksums (sizes only)."""
     root = Path(root)
     marker = root / "latest"
-    if not marker.exists():
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    if marker.exists():
+        named = marker.read_text().strip()
+        # step dirs after the named one belong to an abandoned timeline (latest was pointed back)
+        candidates = [root / named] + [p for p in steps if p.name < named]
+    elif steps:  # a crash between renaming the first checkpoint into place and writing `latest`
+        warn(f"{marker} is missing; looking for the newest intact step_* in {root}")
+        candidates = steps
+    else:
         return None
-    named = marker.read_text().strip()
-    # step dirs after the named one belong to an abandoned timeline (latest was pointed back)
-    older = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                    and p.name < named), reverse=True)
     skipped = []
-    for candidate in [root / named] + older:
+    for candidate in candidates:
         problem = checkpoint_problem(candidate, checksums=verify)
         if problem is None:
             if skipped:

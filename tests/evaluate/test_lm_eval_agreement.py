@@ -114,3 +114,38 @@ def test_adapter_rolling_and_generation_match_transformers(hf_dir):
     if tok.eos_token_id in ref_ids:
         ref_ids = ref_ids[:ref_ids.index(tok.eos_token_id)]
     assert gen == tok.decode(ref_ids).split("\n\n")[0]
+
+
+_DP_SCRIPT = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+import mtnlg.evaluate.lm_eval_adapter
+hf_dir, task_dir, out = sys.argv[1:4]
+res = lm_eval.simple_evaluate(model="mtnlg", model_args=f"hf={hf_dir},device=cpu", tasks=%r, limit=%d,
+                              task_manager=TaskManager(include_path=task_dir, include_defaults=False), bootstrap_iters=0)
+if res is not None:  # rank 0
+    json.dump(res["results"], open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_with_mtnlg_model_under_torchrun_dp2(hf_dir, lm_eval_runs, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mtnlg.evaluate.lm_eval_tasks import write_task_yamls
+    script = tmp_path / "run.py"
+    script.write_text(_DP_SCRIPT % (list(TASKS.values()), LIMIT))
+    out = tmp_path / "dp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           hf_dir, write_task_yamls(tmp_path / "tasks", max_rows=LIMIT), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dp2, (theirs, _) = json.loads(out.read_text()), lm_eval_runs
+    for task in TASKS.values():
+        for key, value in theirs["results"][task].items():
+            if key.endswith(",none") and "stderr" not in key:
+                assert dp2[task][key] == pytest.approx(value, rel=1e-5), (task, key)

@@ -91,6 +91,20 @@ def test_async_save_commits_when_the_write_completes(tmp_path):
     assert t.finish_checkpoint() is None  # nothing pending
 
 
+def test_fit_with_async_saves_commits_each_checkpoint(tmp_path):
+    cfg = tiny_config(async_save=True, keep=3)
+    cfg.train.steps, cfg.train.save_interval, cfg.train.eval_interval = 4, 2, 0
+    cfg.logging.progress_bar = "never"
+    t = make_trainer(cfg, tmp_path / "run")
+    t.fit()
+    root = tmp_path / "run/checkpoints"
+    assert (root / "latest").read_text() == "step_00000004\n" and t.finish_checkpoint() is None
+    assert all(ck.checkpoint_problem(root / f"step_{s:08d}") is None for s in (2, 4))
+    fresh = make_trainer(cfg, tmp_path / "run", seed=99)
+    assert fresh.resume() and fresh.step == 4
+    assert all(torch.equal(a, b) for a, b in zip(t.model.parameters(), fresh.model.parameters()))
+
+
 def legacy_save(t, root):
     """What mtnlg wrote before DCP checkpoints (the old Trainer.save, kept as a fixture)."""
     from mtnlg.train.legacy_checkpoint import _save_legacy
@@ -267,3 +281,12 @@ def test_load_run_skips_a_damaged_newest_checkpoint(tmp_path, sotu_small, capsys
     assert all(torch.equal(p, first[n]) for n, p in model.named_parameters())
     with pytest.raises(UserError, match="step_00000002 is damaged: .*__0_0.distcp has"):
         load_run(tmp_path / "run", checkpoint=second)
+
+
+def test_missing_latest_marker_uses_the_newest_intact_checkpoint(tmp_path, capsys):
+    """A crash between renaming the first checkpoint into place and writing `latest`."""
+    root = _saved(tmp_path / "ckpt", steps=(1, 2))
+    (root / "latest").unlink()
+    assert ck.latest_checkpoint(root) == root / "step_00000002"
+    assert "latest is missing" in capsys.readouterr().err
+    assert ck.latest_checkpoint(tmp_path / "nothing") is None
