@@ -19,7 +19,7 @@ downloaded and nothing is committed):
   ``--trivia-train`` questions train, the next ``--trivia-valid`` are held out.
 
 The fine-tune is the real command (``mtnlg finetune --config
-configs/finetune-tiny.toml``) with both held-out files joined as ``--valid``;
+configs/finetune/tiny.toml``) with both held-out files joined as ``--valid``;
 scores come from ``mtnlg.finetune.evaluate``: the mean loss over the
 response tokens (answer + end marker) and greedy exact match (SQuAD
 normalisation, any reference answer).  Prints a markdown table and writes
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--base", default="runs/tiny", help="pretrained run directory (make train)")
     ap.add_argument("--out", default="runs/finetune_qa")
     ap.add_argument("--base-step", type=int, default=0, help="checkpoint step of --base (0: its latest)")
-    ap.add_argument("--config", default="configs/finetune-tiny.toml")
+    ap.add_argument("--config", default="configs/finetune/tiny.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for mtnlg finetune")
     ap.add_argument("--trivia-train", type=int, default=1000)
     ap.add_argument("--trivia-valid", type=int, default=100)

@@ -1,8 +1,8 @@
 """``mtnlg finetune``: supervised fine-tuning on prompt/response or chat JSONL.
 
-    mtnlg finetune --from runs/tiny --data qa.jsonl --run runs/tiny-qa --config configs/finetune-tiny.toml
+    mtnlg finetune --from runs/tiny --data qa.jsonl --run runs/tiny-qa --config configs/finetune/tiny.toml
     torchrun --nproc-per-node 2 -m mtnlg finetune --from runs/tiny --data qa.jsonl --run-dir runs/qa-tp2 \\
-        --config configs/finetune-tiny.toml --set parallel.tp=2
+        --config configs/finetune/tiny.toml --set parallel.tp=2
 
 The fine-tune is a training run like any other: the same ``Trainer``
 (tp/pp/dp/zero, precision, checkpoints, metrics), fed by
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, help="checkpoint step of --from to start from (finetune.init_step; default latest)")
     p.add_argument("--data", help="training JSONL of {prompt, response} or {messages} lines (finetune.data)")
     p.add_argument("--valid", help="held-out JSONL (finetune.valid; default: finetune.valid_fraction of --data)")
-    p.add_argument("--config", help="TOML with optim/train/parallel/finetune settings, e.g. configs/finetune-tiny.toml "
+    p.add_argument("--config", help="TOML with optim/train/parallel/finetune settings, e.g. configs/finetune/tiny.toml "
                                     "(the model section comes from --from)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
