@@ -40,7 +40,10 @@ def from_pretrained(path: str | Path, *, device: str = "auto", dtype: str | torc
         _, model, tok = load_hf_gpt2(path, dev, dtype)
     else:
         raise UserError(f"{path} is neither a run directory (config.toml) nor a Hugging Face model (config.json)")
-    return LanguageModel(model, tok, dev)
+    lm = LanguageModel(model, tok, dev)
+    from mtnlg.finetune.template import load_chat_template
+    lm.chat_template = load_chat_template(path)  # written by `mtnlg finetune`; None otherwise
+    return lm
 
 
 class LanguageModel:
@@ -52,6 +55,7 @@ class LanguageModel:
         self.device = torch.device(device)
         self.context_length: int = model.cfg.seq_len
         self.vocab_size: int = tokenizer.vocab_size  # the real vocabulary (the table may be padded)
+        self.chat_template = None  # a mtnlg.finetune.template.ChatTemplate, for ``chat``
 
     def __repr__(self) -> str:
         c = self.model.cfg
@@ -97,6 +101,23 @@ class LanguageModel:
         texts = [[self._finish(ids, stops) for ids in group] for group in outs]
         texts = [g[0] if num_return_sequences == 1 else g for g in texts]
         return texts[0] if single else texts
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], max_new_tokens: int = 64, **kwargs):
+        """The assistant's reply to a conversation ``[{"role", "content"}, ...]``
+        (or a list of conversations), rendered with the chat template the
+        model was fine-tuned with; keyword arguments as for ``generate``."""
+        from mtnlg.finetune.template import check_messages
+        if self.chat_template is None:
+            raise UserError("this model has no chat template (chat_template.json); fine-tune it with `mtnlg finetune`")
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        for conv in conversations:
+            problem = check_messages(list(conv))
+            if problem:
+                raise UserError(problem)
+        prompts = [self.chat_template.text(list(c), add_generation_prompt=True) for c in conversations]
+        out = self.generate(prompts, max_new_tokens, **kwargs)
+        return out[0] if single else out
 
     def _check_generate_args(self, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, n, stops):
         if max_new_tokens < 1:

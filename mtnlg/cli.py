@@ -15,6 +15,7 @@ from mtnlg.errors import UserError
 COMMANDS = {
     "preprocess": ("mtnlg.data.preprocess", "clean, deduplicate and tokenize raw text into indexed datasets"),
     "train": ("mtnlg.train.run", "train a model (resumes an existing run directory)"),
+    "finetune": ("mtnlg.finetune.run", "fine-tune a trained model on prompt/response or chat JSONL (loss on replies only)"),
     "generate": ("mtnlg.infer.generate_cmd", "sample text from a trained run"),
     "checkpoint": ("mtnlg.train.checkpoint_cmd", "verify checkpoints, or convert old single-file ones to sharded DCP"),
     "export": ("mtnlg.convert.export_cmd", "write a run's checkpoint as a Hugging Face GPT-2 directory"),

@@ -119,6 +119,20 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: str = _f("", "run directory (or Hugging Face GPT-2 directory) whose weights start the fine-tune; "
+                       "its model section and tokenizer are taken over")
+    init_step: int = _f(0, "checkpoint step of the init run to start from; 0 means its latest")
+    data: str = _f("", "JSONL (.gz/.zst) of {\"prompt\", \"response\"} or {\"messages\": [{\"role\", \"content\"}, ...]}")
+    valid: str = _f("", "held-out JSONL in the same format; empty holds out finetune.valid_fraction of finetune.data")
+    valid_fraction: float = _f(0.05, "share of the examples held out for val_loss when finetune.valid is empty")
+    pack: bool = _f(True, "pack several examples per row with attention kept inside each example; "
+                          "false pads one example per row (needed for parallel.pp > 1)")
+    strict: bool = _f(False, "stop at the first bad line or over-long example instead of skipping/truncating and counting")
+    epochs: float = _f(0.0, "if > 0, set train.steps to cover this many passes over the packed training rows")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -126,6 +140,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
         m, p, t = self.model, self.parallel, self.train
@@ -199,6 +214,9 @@ class Config:
             raise UserError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if p.timeout_s <= 0:
             raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
+        f = self.finetune
+        if not 0.0 <= f.valid_fraction < 1.0 or f.epochs < 0 or f.init_step < 0:
+            raise UserError("finetune.valid_fraction must be in [0, 1), finetune.epochs and finetune.init_step >= 0")
         if self.logging.progress_bar not in ("auto", "always", "never"):
             raise UserError(f"logging.progress_bar must be auto, always or never, got {self.logging.progress_bar!r}")
         return self

@@ -15,6 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory made by `mtnlg train`")
     p.add_argument("--checkpoint", help="a specific checkpoints/step_* directory (default: the latest)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable; default: empty prompt)")
+    p.add_argument("--chat", action="append", default=[], metavar="MESSAGE",
+                   help="a user message, rendered with the run's chat template (chat_template.json, written by "
+                        "`mtnlg finetune`); the reply ends at the template's end marker (repeatable)")
+    p.add_argument("--system", help="system message put before each --chat message")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=None,
@@ -43,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device, 0)
     cfg, model, tok = load_run(args.run, device, args.checkpoint)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    for prompt in args.prompt or [""]:
-        ids = tok.encode(prompt) or [tok.eod_id]
+    prompts = [(p, tok.encode(p) or [tok.eod_id]) for p in args.prompt]
+    if args.chat:
+        from mtnlg.finetune.template import chat_prompt_ids
+        prompts += [(m, chat_prompt_ids(args.run, tok, m, args.system)) for m in args.chat]
+    for prompt, ids in prompts or [("", [tok.eod_id])]:
         x = torch.tensor([ids], device=device)
         for i in range(args.num_samples):
             if args.beams > 1:

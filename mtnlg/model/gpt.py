@@ -155,16 +155,21 @@ class GPT(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
 
     def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
+                pad: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` is the position of the first token (all rows alike), or a
         (B, T) tensor of every token's position, for tokens of sequences at
         different lengths (the serving engine packs a step's tokens into one
         row; its ``cache`` then understands that layout, see
         ``mtnlg.serve.cache.SlotKVCache``).  ``pad`` (B,) counts each row's
         leading pad tokens (left padding, integer ``start``); the columns
-        ``start..start+T-1`` of row b then sit at positions ``col - pad[b]``."""
+        ``start..start+T-1`` of row b then sit at positions ``col - pad[b]``.
+        ``mask`` (B, 1, T, T) boolean replaces the causal mask (True where query
+        t may see key s): fine-tuning packs several examples into one row, each
+        with its own positions (``start`` as a tensor) and seeing only itself
+        (``mtnlg.finetune.pack.document_attention`` builds both)."""
         T = x.shape[1]
-        mask = None if pad is None else self.padding_mask(pad, start, T)
+        if pad is not None:
+            mask = self.padding_mask(pad, start, T)
         if self.tok_emb is not None:
             if isinstance(start, torch.Tensor):
                 pos = start

@@ -59,8 +59,8 @@ class ReplicateParallel(ParallelStyle):
                      if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
 
     def _output_fn(self, mod, out, mesh):
-        if self.shard_dim is not None:
-            out = out.redistribute(mesh, [Shard(self.shard_dim)])
+        if self.shard_dim is not None:  # a negative dim counts from the end (positions may come batched)
+            out = out.redistribute(mesh, [Shard(self.shard_dim % out.ndim)])
         return out.to_local()
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -136,7 +136,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh: DeviceMesh, sequence_parallel: bo
     parallelize_module(model, tp_mesh, {
         # vocabulary-parallel embedding: masked lookup, then all-reduce (or reduce-scatter under SP)
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-        "pos_emb": ReplicateParallel(shard_dim=0 if sequence_parallel else None),
+        "pos_emb": ReplicateParallel(shard_dim=-2 if sequence_parallel else None),  # (T, C) or (B, T, C)
         "ln_f": SequenceParallel() if sequence_parallel else ReplicateParallel(),
         # tied output layer: column-parallel over the same vocabulary shard; logits stay sharded
         "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),

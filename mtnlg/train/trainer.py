@@ -41,20 +41,32 @@ def config_digest(cfg: Config) -> str:
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "save_interval_minutes", "keep_checkpoints",
                                "threads", "compile", "async_save")}
+    if d.get("finetune") == to_dict(Config())["finetune"]:
+        d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 22) -> torch.Tensor:
+IGNORE_INDEX = -100  # targets that carry no loss (fine-tuning prompts, padding); F.cross_entropy's default
+
+
+def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 22,
+                       denom: float | None = None) -> torch.Tensor:
     """Mean cross-entropy computed in float32.  Low-precision plain logits are
     upcast a slice of rows at a time, which keeps the float32 copy small and
     in cache (2.5x faster than upcasting all logits on CPU).  Sharded
-    (tensor-parallel) logits take the one-shot vocabulary-parallel path."""
+    (tensor-parallel) logits take the one-shot vocabulary-parallel path.
+
+    With ``denom`` the loss is the *sum* over targets other than
+    ``IGNORE_INDEX`` divided by ``denom`` (fine-tuning divides by the loss
+    tokens of the whole global batch, see ``Trainer._loss_scale``)."""
     if logits.dtype == torch.float32 or type(logits) is not torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
+        if denom is None:
+            return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / denom
     rows = max(1, chunk_elems // logits.shape[-1])
     total = sum(F.cross_entropy(c.float(), t, reduction="sum")
                 for c, t in zip(logits.split(rows), targets.split(rows)))
-    return total / targets.numel()
+    return total / (targets.numel() if denom is None else denom)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -98,6 +110,7 @@ class Trainer:
         self.seq_len = cfg.model.seq_len
         vocab = getattr(model, "vocab_size", None)
         self.flops_per_token = flops_per_token(cfg.model, recompute=False, vocab=vocab)
+        self._denom: float | None = None  # loss denominator of the current micro-batches (fine-tuning)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -178,6 +191,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _batch(self, dataset, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(dataset, "batch"):  # fine-tuning rows: (tokens or model kwargs, targets with IGNORE_INDEX)
+            return dataset.batch(first, count, self.device)
         rows = np.stack([dataset[i] for i in range(first, first + count)])
         tokens = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
@@ -185,8 +200,24 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; call inside ``topo.loss_context()``."""
         with autocast(self.precision, self.device):
-            logits = self.model(x)
-        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten())
+            logits = self._forward(x)
+        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten(), denom=self._denom)
+
+    def _forward(self, x):
+        """Logits of tokens ``x``, or of fine-tuning's dict: tokens under "x" and
+        further ``GPT.forward`` keyword arguments (positions, attention mask)."""
+        if isinstance(x, dict):
+            return self.model(x["x"], **{k: v for k, v in x.items() if k != "x"})
+        return self.model(x)
+
+    def _loss_scale(self, dataset, first: int, count: int, parts: float) -> float | None:
+        """Loss denominator for one of ``parts`` equal shares of samples
+        ``[first, first + count)`` when the dataset masks targets (fine-tuning):
+        the shares' losses then add up to the mean over *all* their loss
+        tokens, whatever the micro-batching or dp/pp layout.  None otherwise."""
+        if not hasattr(dataset, "loss_tokens"):
+            return None
+        return max(dataset.loss_tokens(first, count), 1) / parts
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict:
@@ -200,6 +231,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         first = self.consumed_samples + topo.dp_rank * (gb // topo.dp_size)
+        self._denom = self._loss_scale(self.train_data, self.consumed_samples, gb, n_micro * topo.dp_size)
         total = torch.zeros((), device=self.device)
         record: dict = {}
         pipeline_info: dict = {}
@@ -252,13 +284,15 @@ class Trainer:
         loss = topo.mean_over_dp(total)
         record.update(step=self.step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
                       consumed_samples=self.consumed_samples, global_batch=gb, **pipeline_info)
+        if self._denom is not None:
+            record["loss_tokens"] = self.train_data.loss_tokens(self.consumed_samples - gb, gb)
         return record
 
     def _pipeline(self, n_micro: int, rows: int, mode: str = "train"):
         """This rank's pipeline schedule (``parallel.pp_schedule``; forward-only
         for ``mode="eval"``) for batches of ``rows`` in ``n_micro`` micro-batches."""
         def loss_fn(logits, targets):
-            return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten())
+            return cross_entropy_fp32(logits.flatten(0, 1), targets.flatten(), denom=self._denom)
         return self.topo.pipeline(n_micro, rows, loss_fn, lambda: autocast(self.precision, self.device), mode)
 
     @torch.no_grad()
@@ -280,6 +314,7 @@ class Trainer:
         share = -(-total_samples // topo.dp_size)
         if topo.pp_size > 1:  # forward-only pipeline over the share, micro-batches of mb rows (or 1)
             rows = mb if share % mb == 0 and total_samples % topo.dp_size == 0 else 1  # same on every dp rank
+            self._denom = self._loss_scale(self.valid_data, 0, total_samples, total_samples / rows)
             x, y = self._batch(self.valid_data, lo, hi - lo) if hi > lo else (None, None)
             if hi - lo < share:
                 px, py = self._batch(self.valid_data, 0, share - (hi - lo))
@@ -291,6 +326,7 @@ class Trainer:
         for i in range(-(-share // mb)) if topo.pp_size == 1 else ():
             start = lo + i * mb
             n = min(mb, hi - start)
+            self._denom = self._loss_scale(self.valid_data, 0, total_samples, total_samples / max(n, 1))
             x, y = self._batch(self.valid_data, start if n > 0 else 0, max(n, 1))
             with topo.loss_context():
                 loss = topo.local_value(self._loss(x, y))
