@@ -112,12 +112,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: HTT
             except ClientGone:
                 return
         return StreamingResponse(stream(), media_type="text/event-stream")
-    try:
-        async for i, out in sub.events(request):
-            choices[i].push(out, False)
-            if choices[i].stopped_early():
-                sub.engine.abort(sub.ids[i])
-    except ClientGone:
+    if not await _collect(sub, request, choices):
         return None
     result = []
     for i, c in enumerate(choices):
@@ -255,12 +250,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: HTTPRequest):
             except ClientGone:
                 return
         return StreamingResponse(stream(), media_type="text/event-stream")
-    try:
-        async for i, out in sub.events(request):
-            choices[i].push(out, False)
-            if choices[i].stopped_early():
-                sub.engine.abort(sub.ids[i])
-    except ClientGone:
+    if not await _collect(sub, request, choices):
         return None
     result = []
     for i, c in enumerate(choices):
@@ -287,3 +277,16 @@ def _chat_logprobs(c: _Choice, start: int) -> dict | None:
         e["top_logprobs"] = [entry(t, lp) for t, lp in c.tops[k]]
         content.append(e)
     return {"content": content}
+
+
+async def _collect(sub, request, choices) -> bool:
+    """Feed every engine event of a non-streaming request into its choice (aborting a
+    sequence that hit a stop string); False when the client went away."""
+    try:
+        async for i, out in sub.events(request):
+            choices[i].push(out, False)
+            if choices[i].stopped_early():
+                sub.engine.abort(sub.ids[i])
+    except ClientGone:
+        return False
+    return True
