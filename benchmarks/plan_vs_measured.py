@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--layouts", default="1,tp2,dp2", help="comma list of: " + ", ".join(LAYOUTS))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--profile", help="device profile JSON (default: calibrate now)")
+    p.add_argument("--save-profile", help="write the profile calibrated now here (to reuse with --profile)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--data", help="dataset PREFIX tokenized with PREFIX.tokenizer.json (default: runs/data/sotu "
                                   "or a fresh tokenization of the shipped corpus)")
@@ -136,6 +137,8 @@ def main() -> None:
             cfgs = [load_config(None, CONFIGS[c] + ["model.vocab_size=8192"]).model for c in args.configs.split(",")]
             print("calibrating this machine (mtnlg plan --calibrate) ...", flush=True)
             prof = calibrate(cfgs, 8, torch.device("cpu"))
+            if args.save_profile:
+                Path(args.save_profile).write_text(prof.to_json())
         data, tok = (args.data, args.data + ".tokenizer.json") if args.data else ensure_data(work)
         rows = []
         head = (f"{'config':<6} {'layout':<6} {'step s (pred)':>13} {'step s (meas)':>13} {'ratio':>6} "
@@ -144,7 +147,7 @@ def main() -> None:
         print("-" * len(head), flush=True)
         for name in args.configs.split(","):
             cfg = load_config(None, CONFIGS[name] + ["model.vocab_size=8192"])
-            for lay in args.layouts.split(","):
+            for lay in args.layouts:
                 tp, dp = LAYOUTS[lay]
                 pred = predict_step(cfg.model, prof, micro_batch=cfg.train.micro_batch,
                                     global_batch=cfg.train.global_batch, tp=tp, dp=dp, precision="bf16")

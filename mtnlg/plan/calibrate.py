@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from mtnlg.config import ModelConfig
 from mtnlg.plan.cost import DeviceProfile, Rates, step_ops
+from mtnlg.plan.calibrate_ops import elementwise_ns
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -148,15 +150,17 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
     overhead = time_call(chain, device, budget_s) / 100 * 1e6
 
     optim = optimizer_ns_per_param(device, precision, budget_s)
+    kinds = elementwise_ns(cfgs, micro_batch, budget_s) if device.type == "cpu" and dt == torch.bfloat16 else {}
     r = Rates(gemm_tflops=P, gemm_gbps=W, gemm_overhead_us=t0, attn_tflops=float(np.median(attn)),
               mem_gbps=mem, op_overhead_us=overhead, optim_ns_per_param=optim, fp32_gemm_tflops=fp32,
-              gemm_cache_mb=C)
+              gemm_cache_mb=C, kind_ns=kinds)
     fitted = [gemm_seconds_rel(s, t, r, ab) for s, t in zip(shapes, secs)]
     detail = {"gemm_shapes": [list(s) for s in shapes], "gemm_seconds": secs,
               "gemm_fit_rel_error_max": max(abs(e) for e in fitted)}
     log(f"  threads {threads}: GEMM P {P:.3f} TFLOP/s, W {W:.1f} GB/s beyond {C:.1f} MB, t0 {t0:.1f} us "
         f"(fit within {100 * detail['gemm_fit_rel_error_max']:.0f}%), attention {r.attn_tflops:.3f} TFLOP/s, "
-        f"memory {mem:.1f} GB/s, op {overhead:.1f} us, optimizer {optim:.2f} ns/param")
+        f"memory {mem:.1f} GB/s, op {overhead:.1f} us, optimizer {optim:.2f} ns/param; ns per element: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     return r, detail
 
 
@@ -185,7 +189,8 @@ def optimizer_ns_per_param(device: torch.device, precision: str, budget_s: float
     return time_call(step, device, budget_s) / n * 1e9
 
 
-def _gloo_worker(rank: int, world: int, port: int, queue) -> None:
+def _gloo_worker(rank: int, world: int, port: int, queue, cfgs=(), micro_batch: int = 1,
+                 budget_s: float = 0.05) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -202,32 +207,40 @@ def _gloo_worker(rank: int, world: int, port: int, queue) -> None:
             dist.all_reduce(t)
             best = min(best, time.perf_counter() - t0)
         out.append((nbytes, best))
+    kinds = {}
+    if cfgs:
+        from mtnlg.plan.calibrate_ops import distributed_kinds
+        kinds = distributed_kinds(list(cfgs), micro_batch, budget_s)
     if rank == 0:
-        queue.put(out)
+        queue.put((out, kinds))
     dist.destroy_process_group()
 
 
-def measure_link(world: int = 2) -> tuple[float, float]:
-    """(bus GB/s, latency us per ring step) of a gloo all-reduce on this machine."""
+def measure_link(world: int = 2, cfgs=(), micro_batch: int = 1, budget_s: float = 0.05) -> tuple[float, float, dict]:
+    """(bus GB/s, latency us per ring step) of a gloo all-reduce on this machine, and
+    (given configs) the two-process kinds of ``calibrate_ops.distributed_kinds``."""
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_gloo_worker, args=(world, port, q), nprocs=world, start_method="spawn")
-    rows = q.get()
+    mp.start_processes(_gloo_worker, args=(world, port, q, tuple(cfgs), micro_batch, budget_s), nprocs=world,
+                       start_method="spawn")
+    rows, kinds = q.get()
     # t = 2(n-1)/n · bytes / bw + 2(n-1) · lat
     A = np.array([[2 * (world - 1) / world * b, 2 * (world - 1)] for b, _ in rows])
     t = np.array([s for _, s in rows])
     (inv_bw, lat), *_ = np.linalg.lstsq(A / t[:, None], np.ones_like(t), rcond=None)
-    return 1.0 / max(inv_bw, 1e-15) / 1e9, max(lat, 0.0) * 1e6
+    return 1.0 / max(inv_bw, 1e-15) / 1e9, max(lat, 0.0) * 1e6, kinds
 
 
 def baseline_rss_gb() -> float:
     """Resident memory of a fresh process that imported torch and the trainer."""
-    code = ("import resource, torch, mtnlg.train.trainer, mtnlg.model.gpt;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM is this process's own peak: ru_maxrss would carry over the peak of the (forked)
+    # calibrating parent across exec
+    code = ("import torch, mtnlg.train.trainer, mtnlg.model.gpt;"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return int(out.stdout.split()[-1]) * 1024 / 1e9
@@ -251,9 +264,13 @@ def calibrate(cfgs: list[ModelConfig], micro_batch: int, device: torch.device, p
             rates[t], details[str(t)] = measure_rates(cfgs, micro_batch, t, device, precision, budget_s, log)
     finally:
         torch.set_num_threads(old)
-    bw, lat = measure_link() if link and device.type == "cpu" else (0.0, 0.0)
+    bw, lat, kinds = measure_link(2, cfgs, micro_batch, budget_s) if link and device.type == "cpu" else (0.0, 0.0, {})
     if link and device.type == "cpu":
-        log(f"  gloo all-reduce: {bw:.2f} GB/s, {lat:.0f} us per ring step")
+        log(f"  gloo all-reduce: {bw:.2f} GB/s, {lat:.0f} us per ring step; two ranks: " +
+            ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()) + " ns")
+        t = max(1, cores // 2)  # the rates a rank of a 2-process run uses (rates_for(2))
+        if t in rates:
+            rates[t] = replace(rates[t], kind_ns={**rates[t].kind_ns, **kinds})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     return DeviceProfile(name=name, source=f"measured {when} on {socket.gethostname()} ({device.type}, {precision})",

@@ -47,6 +47,9 @@ class Rates:
     optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter
     fp32_gemm_tflops: float = 0.0   # fp32 GEMM rate, for train.precision=fp32 (0: same as gemm_tflops)
     gemm_cache_mb: float = 0.0      # operand bytes a GEMM keeps in cache; only the excess streams at W
+    # measured ns per unit of each non-GEMM kind (CPU; see calibrate_ops.py): an op of a kind
+    # listed here costs elems x kind_ns[kind], one that is not (GPU datasheets) bytes / mem_gbps
+    kind_ns: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Op:
     bytes: float = 0.0
     shape: tuple[int, int, int] | None = None   # (m, k, n) of a GEMM
     count: int = 1                               # kernels this op launches
+    kind: str = ""                               # measured primitive that prices it (Rates.kind_ns)
+    elems: float = 0.0                           # its units of that kind (elements, parameters)
 
 
 def gemm_seconds(m: int, k: int, n: int, r: Rates, dtype_bytes: int = 2) -> float:
@@ -156,15 +161,23 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
     layer += _gemm("mlp_fc", T, h, f // tp, ab) + _gemm("mlp_proj", T, f // tp, h, ab)
     attn_fwd = 4.0 * T * s * h / tp            # QK^T and AV over the full s x s matrix (model.flops convention)
     layer.append(Op("attention_core", "attention", 3 * attn_fwd, 0.0, count=2))
-    # memory-bound kernels, forward bytes x 3 for forward + backward (backward reads the
-    # gradient and the saved input and writes the input gradient)
+    # the kernels between the GEMMs, forward + backward.  `elems` is what a measured kind
+    # (Rates.kind_ns, calibrate_ops.py) prices; `bytes` (forward bytes x 3) is the bandwidth model
+    # used where the profile has no such kind (GPU datasheets).
     Tha = T * h * ab
-    ew = [("layernorm", 2 * 2 * Tha, 2), ("residual_add", 2 * 3 * Tha, 2), ("qkv_layout", 2 * 3 * Tha / tp, 3),
-          ("attn_out_layout", 2 * Tha / tp, 1), ("gelu", 2 * T * f // tp * ab, 1)]
+    lin_out = T * (3 * h // tp + h + f // tp + h)   # the four Linears' outputs: bias broadcast in, bias grad out
+    ew = [  # name, kind, elements (fwd + bwd), forward bytes, forward kernels
+        ("layernorm", "layernorm", 2 * T * h, 2 * 2 * Tha, 2),
+        ("residual_add", "add", 4 * T * h, 2 * 3 * Tha, 2),            # 2 adds forward, 2 gradient sums backward
+        ("qkv_layout", "copy", 3 * T * 3 * h // tp, 2 * 3 * Tha / tp, 3),  # split's copy fwd; cat + copy bwd
+        ("attn_out_layout", "copy", 5 * T * h // tp, 2 * Tha / tp, 1),  # transpose back fwd, bwd; SDPA's zeroed grads
+        ("bias_add", "copy", lin_out, 0.0, 0),                          # addmm copies the bias into its output
+        ("bias_grad", "bias_grad", lin_out, lin_out * ab / 3, 1),       # column sums in the Linears' backward
+        ("gelu", "gelu", T * f // tp, 2 * T * f // tp * ab, 1)]
     if drop:
-        ew += [("dropout", 2 * 3 * Tha, 2)]
-    for name, nbytes, count in ew:
-        layer.append(Op(name, "elementwise", 0.0, 3 * nbytes, count=3 * count))
+        ew += [("dropout", "add", 2 * 3 * T * h, 2 * 3 * Tha, 2)]
+    for name, kind, elems, nbytes, count in ew:
+        layer.append(Op(name, "elementwise", 0.0, 3 * nbytes, count=3 * count, kind=kind, elems=elems))
     if recompute in ("full", "selective"):  # one more forward of the layer (or of its attention core)
         extra = []
         for o in layer:
@@ -175,20 +188,29 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
                     extra.append(replace(o, name=o.name + ".recompute"))
             else:
                 extra.append(Op(o.name + ".recompute", o.category, o.flops / 3, o.bytes / 3, None,
-                                max(1, o.count // 3)))
+                                max(1, o.count // 3), o.kind, o.elems / 3))
         layer += extra
-    ops = [Op(o.name, o.category, o.flops * L * n_micro, o.bytes * L * n_micro, o.shape, o.count * L * n_micro)
-           for o in layer]
-    if first:
-        ops.append(Op("embedding", "elementwise", 0.0, n_micro * 3 * 3 * Tha, count=n_micro * 6))
+    ops = [_times(o, L * n_micro) for o in layer]
+    Vh = V // tp * h
+    if first:  # token + position lookup and add; backward: the dense [V/tp, h] gradient is zeroed,
+        # scattered into and added to the tied head's gradient every micro-batch
+        ops.append(Op("embedding", "elementwise", 0.0, n_micro * 3 * 3 * Tha, count=n_micro * 6, kind="add",
+                      elems=n_micro * (3 * T * h + Vh)))
+        ops.append(Op("embedding_grad_zero", "elementwise", 0.0, 0.0, count=n_micro, kind="copy", elems=n_micro * Vh))
     if last:
-        ops.append(Op("final_layernorm", "elementwise", 0.0, n_micro * 3 * 2 * Tha, count=n_micro * 3))
-        ops += [Op(o.name, o.category, o.flops * n_micro, o.bytes * n_micro, o.shape, n_micro)
-                for o in _gemm("lm_head", T, h, V // tp, ab)]
-        # cross-entropy in fp32 row chunks: read logits, fp32 copy, log-softmax; backward writes
-        # the fp32 gradient and casts it to the logits' dtype
-        ops.append(Op("cross_entropy", "loss", 0.0, n_micro * T * V / tp * (3 * ab + 20), count=n_micro * 8))
+        ops.append(Op("final_layernorm", "elementwise", 0.0, n_micro * 3 * 2 * Tha, count=n_micro * 3,
+                      kind="layernorm", elems=n_micro * T * h))
+        ops += [_times(o, n_micro) for o in _gemm("lm_head", T, h, V // tp, ab)]
+        # the trainer's fp32 cross-entropy, forward + backward, timed as one unit by --calibrate
+        # (vocabulary-parallel on DTensor logits with tp > 1); bytes: read logits, fp32 copy,
+        # log-softmax, fp32 gradient and its cast back
+        ops.append(Op("cross_entropy", "loss", 0.0, n_micro * T * V / tp * (3 * ab + 20), count=n_micro * 8,
+                      kind="loss_tp" if tp > 1 else "loss", elems=n_micro * T * V / tp))
     return ops
+
+
+def _times(o: Op, k: int) -> Op:
+    return replace(o, flops=o.flops * k, bytes=o.bytes * k, count=o.count * k, elems=o.elems * k)
 
 
 def local_params(cfg: ModelConfig, tp: int = 1, layers: int | None = None, first: bool = True,
@@ -215,6 +237,8 @@ def op_seconds(op: Op, r: Rates, precision: str = "bf16") -> float:
         return per * op.flops / (2.0 * m * k * n)
     if op.category == "attention":
         return op.flops / (r.attn_tflops * 1e12) + op.count * r.op_overhead_us * 1e-6
+    if op.kind in r.kind_ns:  # timed as the step calls it, dispatch included
+        return op.elems * r.kind_ns[op.kind] * 1e-9
     return op.bytes / (r.mem_gbps * 1e9) + op.count * r.op_overhead_us * 1e-6
 
 
@@ -224,9 +248,58 @@ def all_reduce_seconds(nbytes: float, n: int, gbps: float, latency_us: float) ->
     return 2 * (n - 1) / n * nbytes / (gbps * 1e9) + 2 * (n - 1) * latency_us * 1e-6
 
 
+def local_param_tensors(cfg: ModelConfig, layers: int | None = None) -> int:
+    """Parameter tensors one rank steps: 12 per block (two LayerNorms and four Linears, weight
+    and bias each), the tied embedding, the position table and the final LayerNorm's two."""
+    return 12 * (cfg.n_layers if layers is None else layers) + 4
+
+
+# DTensor dispatches per block per micro-batch under tensor parallelism, counted from the
+# module structure (mtnlg/parallel/tensor.py): each of the four Linears runs forward
+# from_local, view, addmm, view, to_local and backward their five backward nodes plus the
+# dgrad mm, the wgrad mm and the bias sum (13); each LayerNorm forward from_local,
+# native_layer_norm, to_local and backward their three nodes (6).
+DTENSOR_OPS_PER_LAYER = 4 * 13 + 2 * 6
+DTENSOR_OPS_EMBED_HEAD = 13 + 13 + 6     # embedding lookup, tied head, final LayerNorm
+
+
+def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero: int = 0,
+              precision: str = "bf16") -> list[Op]:
+    """What a step does besides the model's forward and backward, as the trainer runs it:
+    * bf16 with one process or tensor parallelism: ``MasterWeights`` turns each micro-batch's
+      bf16 gradients into the fp32 master gradients (a new fp32 tensor on the step's first
+      micro-batch, an add on the others);
+    * bf16 with data parallelism (``replicate``/FSDP, fp32 parameters, bf16 compute): every
+      micro-batch's forward casts the parameters to bf16, and the step's reduction casts the
+      bf16 gradients to fp32 once;
+    * the optimizer: gradient clipping, AdamW, copy back to bf16 (tensors x per-tensor cost +
+      parameters x per-parameter cost, the DTensor path without foreach when parallel);
+    * tensor parallelism: DTensor's dispatch overhead on every op of the model."""
+    n = local_params(cfg, tp)
+    ops: list[Op] = []
+    low = precision == "bf16"
+    if low and dp == 1:
+        ops.append(Op("master_grad_first", "optimizer", count=1, kind="grad_to_fp32", elems=n))
+        if n_micro > 1:
+            ops.append(Op("master_grad_accumulate", "optimizer", count=n_micro - 1, kind="grad_accumulate",
+                          elems=n * (n_micro - 1)))
+    if low and dp > 1:
+        ops.append(Op("param_cast_bf16", "elementwise", bytes=6.0 * n * n_micro, count=n_micro, kind="cast",
+                      elems=n * n_micro))
+        ops.append(Op("grad_cast_fp32", "elementwise", bytes=6.0 * n, count=1, kind="cast", elems=n))
+    tensors = local_param_tensors(cfg)
+    path = "optim" if tp == 1 and dp == 1 else "optim_replicate" if dp > 1 and tp == 1 else "optim_dtensor"
+    ops.append(Op("optimizer_tensors", "optimizer", count=tensors, kind=path + "_tensor", elems=tensors))
+    ops.append(Op("optimizer_params", "optimizer", count=0, kind=path + "_param", elems=n))
+    if tp > 1:
+        k = n_micro * (DTENSOR_OPS_PER_LAYER * cfg.n_layers + DTENSOR_OPS_EMBED_HEAD)
+        ops.append(Op("dtensor_dispatch", "elementwise", count=0, kind="dtensor_op", elems=k))
+    return ops
+
+
 def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, global_batch: int,
                  tp: int = 1, dp: int = 1, precision: str = "bf16", recompute: str = "none",
-                 ranks_per_device: int | None = None, sequence_parallel: bool = False) -> dict:
+                 ranks_per_device: int | None = None, sequence_parallel: bool = False, zero: int = 0) -> dict:
     """Seconds of one training step on one rank (tp x dp, no pipeline), by category."""
     if global_batch % (micro_batch * dp):
         raise UserError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} x dp {dp}")
@@ -237,7 +310,12 @@ def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, 
     for op in ops:
         out[op.category] += op_seconds(op, r, precision)
     n_params = local_params(cfg, tp)
-    out["optimizer"] += n_params * r.optim_ns_per_param * 1e-9
+    extra = state_ops(cfg, n_micro, tp=tp, dp=dp, zero=zero, precision=precision)
+    if "optim_param" in r.kind_ns:
+        for op in extra:
+            out[op.category] += op_seconds(op, r, precision) if op.kind in r.kind_ns else 0.0
+    else:  # a profile without the step's measured kinds (GPU datasheets): AdamW per parameter
+        out["optimizer"] += n_params * r.optim_ns_per_param * 1e-9
     ab = 4 if precision == "fp32" else 2
     act = micro_batch * cfg.seq_len * cfg.hidden * ab
     if tp > 1:  # 2 all-reduces forward + 2 backward per layer, 1 at the embedding, 1 at the head

@@ -121,3 +121,98 @@ def test_profile_round_trip_and_bad_file(tmp_path):
         DeviceProfile.load(bad)
     with pytest.raises(UserError, match="does not exist"):
         DeviceProfile.load(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------- the step's non-GEMM kinds (CPU profiles)
+SMALL = load_config(None, ["model.n_layers=2", "model.hidden=8", "model.n_heads=2", "model.seq_len=4",
+                           "model.vocab_size=100", "model.make_vocab_divisible_by=64", "model.dropout=0.0"]).model
+
+
+def _by_name(ops):
+    return {o.name: o for o in ops}
+
+
+def test_step_ops_elementwise_counts_by_hand():
+    # 2 layers, h=8, f=32, s=4, micro-batch 3 (T = 12 tokens), 2 micro-batches, V padded to 128
+    ops = _by_name(step_ops(SMALL, 3, 2))
+    T, h, f, V, L, n = 12, 8, 32, 128, 2, 2
+    assert ops["layernorm"].elems == 2 * T * h * L * n                       # two per block
+    assert ops["gelu"].elems == T * f * L * n
+    assert ops["residual_add"].elems == 4 * T * h * L * n
+    lin_out = T * (3 * h + h + f + h)                                        # 12 · 72 = 864
+    assert ops["bias_grad"].elems == lin_out * L * n == 864 * 4
+    assert ops["bias_add"].elems == lin_out * L * n
+    assert ops["qkv_layout"].elems == 3 * T * 3 * h * L * n
+    assert ops["cross_entropy"].elems == T * V * n and ops["cross_entropy"].kind == "loss"
+    assert ops["final_layernorm"].elems == T * h * n
+    # tensor parallel: the sharded widths halve, the loss is the vocabulary-parallel kind
+    tp = _by_name(step_ops(SMALL, 3, 2, tp=2))
+    assert tp["gelu"].elems == T * f // 2 * L * n
+    assert tp["bias_grad"].elems == T * (3 * h // 2 + h + f // 2 + h) * L * n
+    assert tp["cross_entropy"].elems == T * V // 2 * n and tp["cross_entropy"].kind == "loss_tp"
+
+
+def test_kinds_price_ops_when_measured_and_fall_back_to_bandwidth():
+    from mtnlg.plan.cost import Op, op_seconds
+    op = Op("gelu", "elementwise", bytes=4e6, count=3, kind="gelu", elems=1e6)
+    # measured: 1e6 elements at 4 ns = 4 ms, no extra dispatch (the timing includes it)
+    measured = Rates(**{**HAND.__dict__, "kind_ns": {"gelu": 4.0}})
+    assert op_seconds(op, measured) == pytest.approx(4e-3, rel=1e-12)
+    # not measured: 4 MB at 10 GB/s = 0.4 ms + 3 kernels x 2 us
+    assert op_seconds(op, HAND) == pytest.approx(0.4e-3 + 6e-6, rel=1e-12)
+
+
+def test_state_ops_by_hand():
+    from mtnlg.plan.cost import DTENSOR_OPS_EMBED_HEAD, DTENSOR_OPS_PER_LAYER, local_param_tensors, state_ops
+    from mtnlg.model.flops import param_count
+    n = param_count(SMALL)
+    one = _by_name(state_ops(SMALL, 3))
+    # bf16, one process: the first micro-batch makes the fp32 master gradients, the other two add
+    assert one["master_grad_first"].elems == n and one["master_grad_first"].kind == "grad_to_fp32"
+    assert one["master_grad_accumulate"].elems == 2 * n
+    assert one["optimizer_tensors"].elems == 12 * 2 + 4 == local_param_tensors(SMALL)
+    assert one["optimizer_params"].kind == "optim_param" and one["optimizer_params"].elems == n
+    # data parallel (replicate, fp32 parameters): a bf16 cast of the parameters per micro-batch and
+    # one fp32 cast of the gradients; no master copy; the DTensor optimizer path
+    dp = _by_name(state_ops(SMALL, 3, dp=2))
+    assert "master_grad_first" not in dp
+    assert dp["param_cast_bf16"].elems == 3 * n and dp["grad_cast_fp32"].elems == n
+    assert dp["optimizer_params"].kind == "optim_replicate_param"
+    tp = _by_name(state_ops(SMALL, 3, tp=2))
+    assert tp["optimizer_params"].kind == "optim_dtensor_param"
+    assert tp["dtensor_dispatch"].elems == 3 * (2 * DTENSOR_OPS_PER_LAYER + DTENSOR_OPS_EMBED_HEAD)
+    assert "dtensor_dispatch" not in one and "fp32" not in {o.kind for o in state_ops(SMALL, 3, precision="fp32")}
+
+
+def test_predicted_step_with_measured_kinds_by_hand():
+    # every kind at 1 ns per unit: the state ops add their units x 1 ns to their categories
+    from mtnlg.plan.cost import state_ops
+    kinds = {k: 1.0 for k in ("layernorm", "gelu", "add", "copy", "bias_grad", "loss", "cast", "grad_to_fp32",
+                              "grad_accumulate", "optim_tensor", "optim_param")}
+    r = Rates(**{**HAND.__dict__, "kind_ns": kinds})
+    prof = DeviceProfile("hand", "test", {1: r}, cores=1)
+    got = predict_step(SMALL, prof, micro_batch=3, global_batch=6)
+    ew = sum(o.elems for o in step_ops(SMALL, 3, 2) if o.category == "elementwise")
+    assert got["breakdown_s"]["elementwise"] == pytest.approx(ew * 1e-9, rel=1e-12)
+    opt = sum(o.elems for o in state_ops(SMALL, 2) if o.category == "optimizer")
+    assert got["breakdown_s"]["optimizer"] == pytest.approx(opt * 1e-9, rel=1e-12)
+    assert got["breakdown_s"]["loss"] == pytest.approx(12 * 128 * 2 * 1e-9, rel=1e-12)
+
+
+def test_tensor_and_parameter_costs_are_separated():
+    from mtnlg.plan.calibrate_ops import _fit_tensor_param
+    # planted: 20 us per tensor, 3 ns per parameter
+    rows = [(96, 96 * 64 * 33, 96 * 20e-6 + 96 * 64 * 33 * 3e-9), (6, 3 * 1025 * 1024, 6 * 20e-6 + 3 * 1025 * 1024 * 3e-9)]
+    a, b = _fit_tensor_param(rows)
+    assert a == pytest.approx(20e3, rel=1e-9) and b == pytest.approx(3.0, rel=1e-9)
+
+
+def test_calibrated_kinds_are_positive_and_round_trip():
+    from mtnlg.plan.calibrate_ops import elementwise_ns
+    got = elementwise_ns([SMALL], 2, budget_s=0.002)
+    assert set(got) >= {"layernorm", "gelu", "add", "copy", "bias_grad", "cast", "loss", "grad_to_fp32",
+                        "grad_accumulate", "optim_tensor", "optim_param"}
+    assert all(v >= 0 for v in got.values()) and got["gelu"] > 0 and got["loss"] > 0
+    r = Rates(**{**HAND.__dict__, "kind_ns": got})
+    prof = DeviceProfile("x", "test", {1: r}, cores=1)
+    assert DeviceProfile.from_json(prof.to_json()) == prof

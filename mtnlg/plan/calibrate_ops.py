@@ -1,0 +1,228 @@
+"""The non-GEMM primitives of a training step, timed for ``mtnlg plan --calibrate``.
+
+On a CPU the kernels between the GEMMs are not bandwidth-bound: a tanh GeLU,
+a LayerNorm, a bf16<->fp32 cast or a column sum spend their time computing,
+and the fp32 loss over a vocabulary-sized row allocates buffers the kernel
+first has to fault in.  So each kind gets its own measured rate, nanoseconds
+per element, timed here as the step calls it (allocating its outputs) at the
+shapes of the configs being calibrated:
+
+    layernorm    F.layer_norm forward + backward            per element of the input
+    gelu         tanh GeLU forward + backward               per element of the input
+    add          an out-of-place add (residual stream)      per element
+    copy         a layout copy (transpose -> contiguous)    per element
+    bias_grad    a column sum (a Linear's bias gradient)    per element summed
+    cast         bf16 -> fp32 and fp32 -> bf16, averaged    per element
+    loss         the trainer's cross-entropy, fwd + bwd     per logit element
+    grad_to_fp32, grad_accumulate
+                 ``MasterWeights.accumulate_grads`` on the first micro-batch of a
+                 step (fp32 copy of the bf16 gradient) and on a later one (add)
+                                                            per parameter
+    optim_param, optim_tensor
+                 the trainer's optimizer path (gradient clipping, AdamW on the fp32
+                 master copy, copy back to bf16), fitted as
+                 tensors x optim_tensor + parameters x optim_param
+
+With two processes (``distributed_kinds``, run in the gloo workers of
+``calibrate.measure_link``): the vocabulary-parallel loss on DTensor logits
+(``loss_tp``), the dispatch overhead of one DTensor op with autograd
+(``dtensor_op``), and the optimizer path over DTensor parameters
+(``optim_dtensor_*`` for tensor parallelism's bf16 parameters with fp32
+master copies, ``optim_replicate_*`` for data parallelism's fp32 ones: the
+trainer steps DTensors without foreach).
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from mtnlg.config import ModelConfig
+
+
+def _time(fn, budget_s: float) -> float:
+    from mtnlg.plan.calibrate import time_call
+    return time_call(fn, torch.device("cpu"), budget_s)
+
+
+def _loss_fn():
+    try:  # the trainer's loss, wherever it lives
+        from mtnlg.train.loss import cross_entropy_fp32
+    except ImportError:
+        from mtnlg.train.trainer import cross_entropy_fp32
+    return cross_entropy_fp32
+
+
+def _per_elem(fn, n: int, budget_s: float) -> float:
+    return _time(fn, budget_s) / n * 1e9
+
+
+def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 0.05) -> dict[str, float]:
+    """ns per element of each kind, the median over the configs' shapes (bf16)."""
+    dt = torch.bfloat16
+    got: dict[str, list[float]] = {}
+    for cfg in cfgs:
+        B, s, h, f, H = micro_batch, cfg.seq_len, cfg.hidden, cfg.ffn, cfg.n_heads
+        T = B * s
+        x = torch.randn(B, s, h, dtype=dt, requires_grad=True)
+        w, b = torch.ones(h, dtype=dt, requires_grad=True), torch.zeros(h, dtype=dt, requires_grad=True)
+        g = torch.randn(B, s, h, dtype=dt)
+
+        def ln():
+            F.layer_norm(x, (h,), w, b, cfg.layernorm_eps).backward(g)
+        got.setdefault("layernorm", []).append(_per_elem(ln, T * h, budget_s))
+        u = torch.randn(B, s, f, dtype=dt, requires_grad=True)
+        gu = torch.randn(B, s, f, dtype=dt)
+        got.setdefault("gelu", []).append(_per_elem(lambda: F.gelu(u, approximate="tanh").backward(gu), T * f,
+                                                    budget_s))
+        y = torch.randn(B, s, h, dtype=dt)
+        got.setdefault("add", []).append(_per_elem(lambda: torch.add(g, y), T * h, budget_s))
+        qkv = torch.randn(B, s, H, 3 * cfg.head_dim, dtype=dt)
+        got.setdefault("copy", []).append(_per_elem(lambda: qkv.transpose(1, 2).contiguous(), qkv.numel(), budget_s))
+        gf = torch.randn(T, f, dtype=dt)
+        got.setdefault("bias_grad", []).append(_per_elem(lambda: gf.sum(0), gf.numel(), budget_s))
+        p16 = torch.randn(f, h, dtype=dt)
+        p32 = p16.float()
+        got.setdefault("cast", []).append((_per_elem(p16.float, p16.numel(), budget_s) +
+                                           _per_elem(p32.bfloat16, p32.numel(), budget_s)) / 2)
+        V = cfg.padded_vocab()
+        logits = torch.randn(T, V, dtype=dt).mul_(3).requires_grad_()
+        targets = torch.randint(0, cfg.vocab_size, (T,))
+        loss = _loss_fn()
+
+        def ce():
+            loss(logits, targets).backward()
+            logits.grad = None
+        got.setdefault("loss", []).append(_per_elem(ce, T * V, budget_s))
+        del logits
+    out = {k: float(statistics.median(v)) for k, v in got.items()}
+    out.update(master_grad_ns(budget_s))
+    out.update(optimizer_ns(budget_s))
+    return out
+
+
+def _param_sets():
+    """Two parameter sets: many small tensors (per-tensor cost) and few large ones (per-element cost)."""
+    return [[(64, 64)] * 48 + [(64,)] * 48, [(1024, 1024)] * 3 + [(1024,)] * 3]
+
+
+def _fit_tensor_param(rows: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(ns per tensor, ns per parameter) from two timings t = tensors·a + params·b."""
+    (n1, p1, t1), (n2, p2, t2) = rows
+    det = n1 * p2 - n2 * p1
+    a = (t1 * p2 - t2 * p1) / det
+    b = (n1 * t2 - n2 * t1) / det
+    return max(a, 0.0) * 1e9, max(b, 0.0) * 1e9
+
+
+def optimizer_ns(budget_s: float, wrap=None, prefix: str = "optim") -> dict[str, float]:
+    """The trainer's own optimizer path (built by ``Trainer``: AdamW over fp32 master
+    copies of bf16 parameters, clipping, master-to-model copy), per tensor and per parameter.
+    ``wrap`` turns a module into its parallel form (DTensor parameters) first."""
+    import tempfile
+    from pathlib import Path
+
+    from mtnlg.config import Config
+    from mtnlg.train.trainer import Trainer
+    rows = []
+    for shapes in _param_sets():
+        model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s)) for s in shapes])
+        if wrap is not None:
+            model = wrap(model)
+        else:
+            model = model.to(torch.bfloat16)
+        cfg = Config()
+        cfg.train.precision = "bf16"
+        with tempfile.TemporaryDirectory() as d:
+            tr = Trainer(cfg, model, None, None, Path(d), torch.device("cpu"))
+        params = tr.master.params if tr.master else tr.params
+        for p in params:
+            p.grad = torch.randn_like(p)
+
+        def step():
+            tr.topo.clip_grad_norm(params, 1.0)
+            tr.optimizer.step()
+            if tr.master:
+                tr.master.master_to_model()
+        n = sum(p.numel() for p in params)
+        rows.append((len(params), n, _time(step, budget_s)))
+    a, b = _fit_tensor_param(rows)
+    return {f"{prefix}_tensor": a, f"{prefix}_param": b}
+
+
+def master_grad_ns(budget_s: float) -> dict[str, float]:
+    """``MasterWeights.accumulate_grads`` per parameter: the step's first micro-batch
+    (the fp32 master gradient is created from the bf16 one) and a later one (added)."""
+    from mtnlg.train.precision import MasterWeights
+    shapes = [(1024, 1024)] * 2 + [(1024,)] * 4
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in shapes]
+    grads = [torch.randn_like(p) for p in params]
+    master = MasterWeights(params)
+    n = sum(p.numel() for p in params)
+
+    def first():
+        for m in master.params:
+            m.grad = None
+        for p, g in zip(params, grads):
+            p.grad = g
+        master.accumulate_grads()
+
+    def later():
+        for p, g in zip(params, grads):
+            p.grad = g
+        master.accumulate_grads()
+    first()
+    return {"grad_to_fp32": _time(first, budget_s) / n * 1e9, "grad_accumulate": _time(later, budget_s) / n * 1e9}
+
+
+def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 0.05) -> dict[str, float]:
+    """Inside an initialised 2-rank gloo group, one thread per rank: the
+    vocabulary-parallel loss, one DTensor op's overhead and the optimizer over
+    replicated DTensor parameters (ns per unit, see the module docstring)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict[str, list[float]] = {}
+
+    def timed(fn):  # every rank runs fn in step; rank 0's best of repeats
+        dist.barrier()
+        return _time(fn, budget_s)
+    for cfg in cfgs:
+        T, V = micro_batch * cfg.seq_len, cfg.padded_vocab(world)
+        torch.manual_seed(0)
+        full = torch.randn(T, V, dtype=torch.bfloat16).mul_(3)
+        logits = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_()
+        targets = torch.randint(0, cfg.vocab_size, (T,))  # the trainer's targets stay plain tensors
+        loss = _loss_fn()
+
+        def ce():
+            with loss_parallel():
+                loss(logits, targets).backward()
+            logits.grad = None
+        out.setdefault("loss_tp", []).append(timed(ce) / (T * V / world) * 1e9)
+    small = distribute_tensor(torch.randn(16), mesh, [Replicate()]).requires_grad_()
+
+    def chain():
+        h = small
+        for _ in range(20):
+            h = h * 1.0001
+        h.sum().backward()
+    res = {k: float(statistics.median(v)) for k, v in out.items()}
+    res["dtensor_op"] = timed(chain) / 41 * 1e9  # 20 muls, their 20 backward muls, the sum
+
+    def wrap(dtype):
+        def w(model):
+            for i, p in enumerate(model):
+                model[i] = torch.nn.Parameter(distribute_tensor(p.detach().to(dtype), mesh, [Replicate()]))
+            return model
+        return w
+    # tensor parallel: bf16 DTensor parameters with fp32 master copies; data parallel (replicate):
+    # fp32 DTensor parameters, the bf16 compute copies are FSDP's (no master copy)
+    res.update(optimizer_ns(budget_s, wrap=wrap(torch.bfloat16), prefix="optim_dtensor"))
+    res.update(optimizer_ns(budget_s, wrap=wrap(torch.float32), prefix="optim_replicate"))
+    return res
