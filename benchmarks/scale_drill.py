@@ -32,7 +32,7 @@ PY = sys.executable
 LAYOUTS = {"train": {"parallel.tp": 2, "parallel.pp": 2, "parallel.dp": 0, "parallel.zero": 3},
            "resume": {"parallel.tp": 2, "parallel.pp": 1, "parallel.dp": 0, "parallel.zero": 3}}
 RUNTIME_GB = 0.35  # python + torch + mtnlg imported: VmHWM 0.30 GB on this machine, + gloo buffers
-RSS_OVER_PLAN = 1.3  # observed: 24 layers before the first optimizer step, 1.72-2.08 GB per rank vs 1.42 planned
+RSS_OVER_PLAN = 1.0  # 24 layers, bf16: measured peaks 0.86-0.97 x (plan + runtime); the plan now holds FSDP buffers
 
 
 def overrides(args, layout: dict, steps: int) -> list[str]:
