@@ -151,6 +151,9 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
 
     optim = optimizer_ns_per_param(device, precision, budget_s)
     kinds = elementwise_ns(cfgs, micro_batch, budget_s) if device.type == "cpu" and dt == torch.bfloat16 else {}
+    if kinds:
+        from mtnlg.plan.calibrate_ops import loss_peak_bytes
+        kinds["loss_bytes"] = loss_peak_bytes(cfgs, micro_batch)
     r = Rates(gemm_tflops=P, gemm_gbps=W, gemm_overhead_us=t0, attn_tflops=float(np.median(attn)),
               mem_gbps=mem, op_overhead_us=overhead, optim_ns_per_param=optim, fp32_gemm_tflops=fp32,
               gemm_cache_mb=C, kind_ns=kinds)

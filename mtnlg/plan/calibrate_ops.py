@@ -14,6 +14,7 @@ shapes of the configs being calibrated:
     bias_grad    a column sum (a Linear's bias gradient)    per element summed
     cast         bf16 -> fp32 and fp32 -> bf16, averaged    per element
     loss         the trainer's cross-entropy, fwd + bwd     per logit element
+    loss_bytes   resident bytes the loss adds at its peak   per logit element (not ns: memory)
     grad_to_fp32, grad_accumulate
                  ``MasterWeights.accumulate_grads`` on the first micro-batch of a
                  step (fp32 copy of the bf16 gradient) and on a later one (add)
@@ -25,7 +26,7 @@ shapes of the configs being calibrated:
 
 With two processes (``distributed_kinds``, run in the gloo workers of
 ``calibrate.measure_link``): the vocabulary-parallel loss on DTensor logits
-(``loss_tp``), the dispatch overhead of one DTensor op with autograd
+(``loss_tp``, and ``loss_tp_bytes``: the resident bytes it adds), the dispatch overhead of one DTensor op with autograd
 (``dtensor_op``), and the optimizer path over DTensor parameters
 (``optim_dtensor_*`` for tensor parallelism's bf16 parameters with fp32
 master copies, ``optim_replicate_*`` for data parallelism's fp32 ones: the
@@ -100,6 +101,43 @@ def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 
     out.update(master_grad_ns(budget_s))
     out.update(optimizer_ns(budget_s))
     return out
+
+
+_LOSS_RSS = """
+import sys, torch
+from mtnlg.plan.calibrate_ops import _loss_fn, vm_hwm
+T, V, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+logits = torch.randn(T, V, dtype=torch.bfloat16).mul_(3).requires_grad_()
+targets = torch.randint(0, n, (T,))
+loss = _loss_fn()
+h0 = vm_hwm()
+for _ in range(2):
+    loss(logits, targets).backward()
+    logits.grad = None
+print(vm_hwm() - h0)
+"""
+
+
+def vm_hwm() -> int:
+    """This process's peak resident bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def loss_peak_bytes(cfgs: list[ModelConfig], micro_batch: int) -> float:
+    """Resident bytes the trainer's loss adds, forward + backward, per logit element, beyond
+    the logits themselves: the peak (VmHWM) of a fresh process running it on bf16 logits of
+    the model's shape, less the peak before it; the median over the configs."""
+    import os
+    import subprocess
+    import sys
+    got = []
+    for cfg in cfgs:
+        T, V = micro_batch * cfg.seq_len, cfg.padded_vocab()
+        out = subprocess.run([sys.executable, "-c", _LOSS_RSS, str(T), str(V), str(cfg.vocab_size)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        got.append(int(out.stdout.split()[-1]) / (T * V))
+    return float(statistics.median(got))
 
 
 def _param_sets():
@@ -204,7 +242,9 @@ def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float
             with loss_parallel():
                 loss(logits, targets).backward()
             logits.grad = None
+        h0 = vm_hwm()
         out.setdefault("loss_tp", []).append(timed(ce) / (T * V / world) * 1e9)
+        out.setdefault("loss_tp_bytes", []).append((vm_hwm() - h0) / (T * V / world))
     small = distribute_tensor(torch.randn(16), mesh, [Replicate()]).requires_grad_()
 
     def chain():

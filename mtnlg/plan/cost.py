@@ -346,34 +346,44 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
                    zero: int = 0, precision: str = "bf16") -> dict:
     """Peak bytes of one rank of a tp x dp run (no pipeline) on a CPU, by part.
 
-    States per local parameter: weights and gradients in the parameter dtype, plus
-    (bf16) an fp32 master copy and its fp32 gradient, plus Adam's two moments,
-    plus one fp32 temporary of the foreach AdamW step; ZeRO shards as in
-    ``plan.memory``.  Activations of one micro-batch (the trainer accumulates
-    micro-batches one at a time): per layer 32·s·b·h bytes in 16-bit
-    (Korthikanti et al.'s 34·s·b·h less the two dropout masks, which dropout 0
-    does not keep, and no score matrix: SDPA's flash kernel keeps only the
-    log-sum-exp), doubled in fp32; the logits in the parameter dtype, the
-    loss's fp32 log-softmax of every row chunk and, in backward, the fp32
-    gradient and its cast.  Plus the process's resident baseline (torch, mtnlg)."""
+    States per local parameter, as the trainer and ``mtnlg.parallel.data`` keep them:
+    * bf16, one process or tensor parallel: bf16 weights and gradients, the fp32 master copy
+      and its fp32 gradient, Adam's two fp32 moments (2 + 2 + 4 + 4 + 8 = 20 bytes);
+    * bf16 with data parallelism (``replicate``/FSDP: fp32 parameters, bf16 compute from the
+      mixed-precision policy): fp32 parameters, their bf16 compute copies held from forward to
+      backward, bf16 gradients, fp32 gradients in the reduce dtype, Adam (4 + 2 + 2 + 4 + 8);
+      ZeRO shards the fp32 parameters, gradients and moments as in ``plan.memory``;
+    * fp32 / bf16-autocast: fp32 weights and gradients and Adam (4 + 4 + 8).
+    AdamW is fused (plain tensors) or a per-parameter loop (DTensors): no whole-model temporary.
+    Activations of one micro-batch (the trainer accumulates micro-batches one at a time): per
+    layer 32·s·b·h bytes in 16-bit (Korthikanti et al.'s 34·s·b·h less the two dropout masks,
+    which dropout 0 does not keep, and no score matrix: SDPA's flash kernel keeps only the
+    log-sum-exp), doubled in fp32.  The logits, kept for the loss's backward, and what the loss
+    adds at its peak: measured by ``--calibrate`` per logit element (``loss_bytes``,
+    ``loss_tp_bytes`` for the vocabulary-parallel loss on DTensor logits), else its fp32
+    log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg)."""
     n = local_params(cfg, tp)
     ab = 4 if precision == "fp32" else 2
-    w = g = 2 if precision == "bf16" else 4
-    master = 8 if precision == "bf16" else 0
-    adam = 8
     shard_w = dp if zero >= 3 else 1
     shard_g = dp if zero >= 2 else 1
     shard_o = dp if zero >= 1 else 1
-    parts = {
-        "weights": n * w / shard_w,
-        "gradients": n * g / shard_g + (n * 4 / shard_g if precision == "bf16" else 0),
-        "optimizer": n * (master / 2 + adam) / shard_o + n * 4 / shard_o,
-    }
+    if precision == "bf16" and dp > 1:
+        parts = {"weights": n * 4 / shard_w + n * 2, "gradients": n * 2 + n * 4 / shard_g,
+                 "optimizer": n * 8 / shard_o}
+    elif precision == "bf16":
+        parts = {"weights": n * 2, "gradients": n * 2 + n * 4, "optimizer": n * (4 + 8) / shard_o}
+    else:
+        parts = {"weights": n * 4 / shard_w, "gradients": n * 4 / shard_g, "optimizer": n * 8 / shard_o}
     T, h = micro_batch * cfg.seq_len, cfg.hidden
     V = cfg.padded_vocab(tp)
     sbh = T * h
     parts["activations"] = cfg.n_layers * sbh * 16 * ab * _tp_act_factor(tp)
-    parts["logits_and_loss"] = T * V / tp * (ab + 4 + ab)
+    kinds = {}
+    if profile is not None:
+        kinds = profile.rates_for(tp * dp).kind_ns
+    loss_key = "loss_tp_bytes" if tp > 1 else "loss_bytes"
+    per_logit = kinds.get(loss_key, 4 + ab)
+    parts["logits_and_loss"] = T * V / tp * (ab + per_logit)
     parts["baseline"] = (profile.baseline_rss_gb * 1e9) if profile else 0.0
     return {"bytes": sum(parts.values()), "parts": parts}
 

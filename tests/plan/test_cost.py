@@ -95,11 +95,23 @@ def test_predicted_step_adds_up_by_hand():
 
 
 def test_memory_model_parts():
+    from mtnlg.model.flops import param_count
+    n = param_count(TINY)
     m = predict_memory(TINY, None, micro_batch=8)
+    # bf16, one process: bf16 weights; bf16 + fp32 master gradients; fp32 master copy + Adam m, v
+    assert (m["parts"]["weights"], m["parts"]["gradients"], m["parts"]["optimizer"]) == (2 * n, 6 * n, 12 * n)
+    # data parallel (replicate: fp32 parameters + their bf16 compute copies, bf16 and fp32 gradients)
+    r = predict_memory(TINY, None, micro_batch=8, dp=2)
+    assert (r["parts"]["weights"], r["parts"]["gradients"], r["parts"]["optimizer"]) == (6 * n, 6 * n, 8 * n)
     z = predict_memory(TINY, None, micro_batch=8, dp=2, zero=1)
-    assert z["parts"]["optimizer"] == pytest.approx(m["parts"]["optimizer"] / 2)
-    assert z["parts"]["weights"] == m["parts"]["weights"]
+    assert z["parts"]["optimizer"] == pytest.approx(r["parts"]["optimizer"] / 2)
+    assert z["parts"]["weights"] == r["parts"]["weights"]
     assert m["parts"]["baseline"] == 0
+    # the loss: logits (bf16) + what the loss adds per logit, measured when the profile has it
+    T, V = 8 * TINY.seq_len, TINY.padded_vocab()
+    assert m["parts"]["logits_and_loss"] == T * V * (2 + 6)
+    prof = DeviceProfile("x", "test", {1: Rates(**{**HAND.__dict__, "kind_ns": {"loss_bytes": 3.5}})}, cores=1)
+    assert predict_memory(TINY, prof, micro_batch=8)["parts"]["logits_and_loss"] == T * V * (2 + 3.5)
 
 
 def test_mtnlg_table_within_10_percent_with_the_a100_profile():
