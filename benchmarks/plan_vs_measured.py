@@ -5,7 +5,7 @@ For each config (tiny, 14m) and layout (1 process, tp=2, dp=2 on gloo) it
 runs the real CLI (`python -m mtnlg train`, or `torchrun` for 2 ranks) on the
 shipped corpus for a few steps, takes the median step time of the steps after
 warm-up from metrics.jsonl and the peak resident memory of the largest rank
-(sampled from /proc while training runs), and prints both next to the cost
+(VmHWM from /proc when the next-to-last step is logged), and prints both next to the cost
 model's prediction from a device profile calibrated on this machine
 (`mtnlg plan --calibrate`, run here first unless --profile is given).
 
@@ -40,7 +40,7 @@ LAYOUTS = {"1": (1, 1), "tp2": (2, 1), "dp2": (1, 2)}
 
 
 def _rss_tree(root_pid: int) -> dict[int, int]:
-    """Resident bytes of every process under root_pid (from /proc)."""
+    """Peak resident bytes so far (VmHWM) of every process under root_pid (from /proc)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
@@ -49,8 +49,8 @@ def _rss_tree(root_pid: int) -> dict[int, int]:
         try:
             with open(f"/proc/{d}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/statm") as f:
-                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{d}/status") as f:
+                rss[int(d)] = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
             children.setdefault(ppid, []).append(int(d))
         except (OSError, ValueError, IndexError):
             continue
@@ -84,14 +84,20 @@ def run_measured(name: str, tp: int, dp: int, steps: int, data: str, tok: str, w
     metrics = run / "metrics.jsonl"
     done = threading.Event()
 
-    def sample():
+    def sample():  # VmHWM holds each process's peak: read it seldom (not to take CPU from the run), and
+        # last when the second-to-last step is logged (every step peaks alike; the last one is followed
+        # by the final checkpoint write)
+        last = 0.0
         while not done.is_set():
-            if metrics.exists() and any(json.loads(l).get("step") == steps for l in metrics.read_text().splitlines()
-                                        if l.strip()):
-                break  # the last step is logged: what follows is the final checkpoint write
-            for pid, b in _rss_tree(proc.pid).items():
-                peak[pid] = max(peak.get(pid, 0), b)
-            time.sleep(0.05)
+            final = metrics.exists() and any(json.loads(l).get("step") == steps - 1
+                                             for l in metrics.read_text().splitlines() if l.strip())
+            if final or time.monotonic() - last > 1.0:
+                for pid, b in _rss_tree(proc.pid).items():
+                    peak[pid] = max(peak.get(pid, 0), b)
+                last = time.monotonic()
+            if final:
+                break
+            time.sleep(0.2)
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     out, _ = proc.communicate()
