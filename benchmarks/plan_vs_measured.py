@@ -49,8 +49,8 @@ def _rss_tree(root_pid: int) -> dict[int, int]:
         try:
             with open(f"/proc/{d}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/status") as f:
-                rss[int(d)] = int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+            with open(f"/proc/{d}/status") as f:  # kernel threads have no VmHWM
+                rss[int(d)] = int(next((line for line in f if line.startswith("VmHWM")), "VmHWM: 0 kB").split()[1]) * 1024
             children.setdefault(ppid, []).append(int(d))
         except (OSError, ValueError, IndexError):
             continue
