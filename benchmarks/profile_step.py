@@ -29,7 +29,7 @@ from mtnlg.train.trainer import Trainer  # noqa: E402
 
 # cost-model category -> profiler class
 CLASS_OF = {"gemm": "gemm", "attention": "attention", "elementwise": "norm/elementwise", "loss": "softmax/loss",
-            "optimizer": "optimizer", "communication": "communication"}
+            "optimizer": "optimizer", "communication": "communication", "framework": "other"}
 
 
 def main() -> None:

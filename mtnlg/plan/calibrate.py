@@ -12,7 +12,7 @@ What is timed, for one thread and for every core (CPU) or on the GPU:
 * the optimizer path of the trainer (AdamW on fp32 master weights, gradient
   clipping, copy back to bf16) per parameter;
 * gloo all-reduce between two processes (latency and bandwidth);
-* the resident memory of a process that has imported torch and mtnlg.
+* the resident memory of the training runtime (imports + two steps of a negligible model).
 """
 from __future__ import annotations
 
@@ -238,13 +238,38 @@ def measure_link(world: int = 2, cfgs=(), micro_batch: int = 1, budget_s: float 
     return 1.0 / max(inv_bw, 1e-15) / 1e9, max(lat, 0.0) * 1e6, kinds
 
 
+_BASELINE = """
+import tempfile
+from pathlib import Path
+import numpy as np
+import torch
+import mtnlg.data.samples, mtnlg.parallel.setup, mtnlg.train.dcp, mtnlg.train.run  # what `mtnlg train` loads
+from mtnlg.config import load_config
+from mtnlg.model.gpt import build_model
+from mtnlg.train.trainer import Trainer
+cfg = load_config(None, ["model.n_layers=1", "model.hidden=64", "model.n_heads=2", "model.seq_len=32",
+                         "model.vocab_size=256", "train.micro_batch=2", "train.global_batch=4", "train.precision=bf16"])
+model = build_model(cfg.model, torch.device("cpu"), seed=0).to(torch.bfloat16)
+class Rows:
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        return (np.arange(33) + i) % 256
+with tempfile.TemporaryDirectory() as d:
+    trainer = Trainer(cfg, model, Rows(), Rows(), Path(d), torch.device("cpu"))
+    for _ in range(2):
+        trainer.train_step()
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+"""
+
+
 def baseline_rss_gb() -> float:
-    """Resident memory of a fresh process that imported torch and the trainer."""
-    # VmHWM is this process's own peak: ru_maxrss would carry over the peak of the (forked)
-    # calibrating parent across exec
-    code = ("import torch, mtnlg.train.trainer, mtnlg.model.gpt;"
-            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    """Resident memory of the training runtime itself: the peak (VmHWM) of a fresh process
+    that imported what `mtnlg train` loads and ran two steps of a negligible model (1 layer,
+    width 64, 50 k parameters): torch, the libraries, thread pools, the autograd engine and
+    kernel caches.  (VmHWM is the process's own peak: ru_maxrss would carry over the peak
+    of the forked calibrating parent across exec.)"""
+    out = subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return int(out.stdout.split()[-1]) * 1024 / 1e9
 

@@ -214,6 +214,34 @@ def master_grad_ns(budget_s: float) -> dict[str, float]:
     return {"grad_to_fp32": _time(first, budget_s) / n * 1e9, "grad_accumulate": _time(later, budget_s) / n * 1e9}
 
 
+def tp_block_overhead(mesh, timed) -> dict[str, float]:
+    """The tensor-parallel plan's fixed cost per block and per micro-batch: forward +
+    backward + vocabulary-parallel loss of ``apply_tensor_parallel``'s GPT at a negligible
+    size (width 32, 16 tokens), with 1 and 3 blocks.  What remains at that size is DTensor's
+    dispatch and redistribution, the autograd nodes and the collectives' latency: the
+    difference per block (``tp_layer``) and the rest (``tp_base``: embedding, head, loss), ns."""
+    from mtnlg.config import load_config
+    from mtnlg.model.gpt import build_model
+    from mtnlg.parallel.tensor import apply_tensor_parallel, loss_context
+    loss = _loss_fn()
+    got = {}
+    for layers in (1, 3):
+        cfg = load_config(None, [f"model.n_layers={layers}", "model.hidden=32", "model.n_heads=2", "model.seq_len=16",
+                                 "model.vocab_size=256", "model.make_vocab_divisible_by=64", "model.dropout=0.0"])
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(build_model(cfg.model, "cpu", seed=0, vocab_size=cfg.model.padded_vocab(
+            mesh.size())).to(torch.bfloat16), mesh)
+        x = torch.randint(0, 256, (1, 16))
+
+        def step():
+            with loss_context(model):
+                loss(model(x).flatten(0, 1), x.flatten()).backward()
+            model.zero_grad(set_to_none=True)
+        got[layers] = timed(step)
+    per = (got[3] - got[1]) / 2
+    return {"tp_layer": max(per, 0.0) * 1e9, "tp_base": max(got[1] - per, 0.0) * 1e9}
+
+
 def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 0.05) -> dict[str, float]:
     """Inside an initialised 2-rank gloo group, one thread per rank: the
     vocabulary-parallel loss, one DTensor op's overhead and the optimizer over
@@ -254,6 +282,7 @@ def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float
         h.sum().backward()
     res = {k: float(statistics.median(v)) for k, v in out.items()}
     res["dtensor_op"] = timed(chain) / 41 * 1e9  # 20 muls, their 20 backward muls, the sum
+    res.update(tp_block_overhead(mesh, timed))
 
     def wrap(dtype):
         def w(model):

@@ -32,7 +32,7 @@ from pathlib import Path
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
 
-CATEGORIES = ("gemm", "attention", "elementwise", "loss", "optimizer", "communication")
+CATEGORIES = ("gemm", "attention", "elementwise", "loss", "optimizer", "communication", "framework")
 
 
 @dataclass(frozen=True)
@@ -254,15 +254,6 @@ def local_param_tensors(cfg: ModelConfig, layers: int | None = None) -> int:
     return 12 * (cfg.n_layers if layers is None else layers) + 4
 
 
-# DTensor dispatches per block per micro-batch under tensor parallelism, counted from the
-# module structure (mtnlg/parallel/tensor.py): each of the four Linears runs forward
-# from_local, view, addmm, view, to_local and backward their five backward nodes plus the
-# dgrad mm, the wgrad mm and the bias sum (13); each LayerNorm forward from_local,
-# native_layer_norm, to_local and backward their three nodes (6).
-DTENSOR_OPS_PER_LAYER = 4 * 13 + 2 * 6
-DTENSOR_OPS_EMBED_HEAD = 13 + 13 + 6     # embedding lookup, tied head, final LayerNorm
-
-
 def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero: int = 0,
               precision: str = "bf16") -> list[Op]:
     """What a step does besides the model's forward and backward, as the trainer runs it:
@@ -274,7 +265,9 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
       bf16 gradients to fp32 once;
     * the optimizer: gradient clipping, AdamW, copy back to bf16 (tensors x per-tensor cost +
       parameters x per-parameter cost, the DTensor path without foreach when parallel);
-    * tensor parallelism: DTensor's dispatch overhead on every op of the model."""
+    * tensor parallelism: the plan's fixed cost per block and per micro-batch (DTensor dispatch
+      and redistribution, autograd nodes, the collectives' latency), measured by --calibrate on
+      the tensor-parallel GPT at a negligible size (``tp_layer``, ``tp_base``)."""
     n = local_params(cfg, tp)
     ops: list[Op] = []
     low = precision == "bf16"
@@ -292,8 +285,8 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
     ops.append(Op("optimizer_tensors", "optimizer", count=tensors, kind=path + "_tensor", elems=tensors))
     ops.append(Op("optimizer_params", "optimizer", count=0, kind=path + "_param", elems=n))
     if tp > 1:
-        k = n_micro * (DTENSOR_OPS_PER_LAYER * cfg.n_layers + DTENSOR_OPS_EMBED_HEAD)
-        ops.append(Op("dtensor_dispatch", "elementwise", count=0, kind="dtensor_op", elems=k))
+        ops.append(Op("tp_blocks_fixed", "framework", count=0, kind="tp_layer", elems=n_micro * cfg.n_layers))
+        ops.append(Op("tp_embed_head_loss_fixed", "framework", count=0, kind="tp_base", elems=n_micro))
     return ops
 
 
@@ -320,7 +313,9 @@ def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, 
     act = micro_batch * cfg.seq_len * cfg.hidden * ab
     if tp > 1:  # 2 all-reduces forward + 2 backward per layer, 1 at the embedding, 1 at the head
         n_coll = n_micro * (4 * cfg.n_layers + 2)
-        out["communication"] += n_coll * all_reduce_seconds(act, tp, profile.link_gbps, profile.link_latency_us)
+        # where the plan's fixed cost per block was measured, it holds the collectives' latency
+        lat = 0.0 if "tp_layer" in r.kind_ns else profile.link_latency_us
+        out["communication"] += n_coll * all_reduce_seconds(act, tp, profile.link_gbps, lat)
     if dp > 1:  # one gradient all-reduce per step, in the gradients' dtype (fp32 master grads for bf16)
         out["communication"] += all_reduce_seconds(4 * n_params, dp, profile.link_gbps, profile.link_latency_us)
     total = sum(out.values())

@@ -175,7 +175,7 @@ def test_kinds_price_ops_when_measured_and_fall_back_to_bandwidth():
 
 
 def test_state_ops_by_hand():
-    from mtnlg.plan.cost import DTENSOR_OPS_EMBED_HEAD, DTENSOR_OPS_PER_LAYER, local_param_tensors, state_ops
+    from mtnlg.plan.cost import local_param_tensors, state_ops
     from mtnlg.model.flops import param_count
     n = param_count(SMALL)
     one = _by_name(state_ops(SMALL, 3))
@@ -192,8 +192,10 @@ def test_state_ops_by_hand():
     assert dp["optimizer_params"].kind == "optim_replicate_param"
     tp = _by_name(state_ops(SMALL, 3, tp=2))
     assert tp["optimizer_params"].kind == "optim_dtensor_param"
-    assert tp["dtensor_dispatch"].elems == 3 * (2 * DTENSOR_OPS_PER_LAYER + DTENSOR_OPS_EMBED_HEAD)
-    assert "dtensor_dispatch" not in one and "fp32" not in {o.kind for o in state_ops(SMALL, 3, precision="fp32")}
+    # the plan's fixed cost: per block per micro-batch, and once per micro-batch
+    assert tp["tp_blocks_fixed"].elems == 3 * 2 and tp["tp_embed_head_loss_fixed"].elems == 3
+    assert tp["tp_blocks_fixed"].category == "framework"
+    assert "tp_blocks_fixed" not in one and "fp32" not in {o.kind for o in state_ops(SMALL, 3, precision="fp32")}
 
 
 def test_predicted_step_with_measured_kinds_by_hand():
