@@ -124,6 +124,12 @@ def vm_hwm() -> int:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 
 
+def vm_rss() -> int:
+    """This process's resident bytes now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+
+
 def loss_peak_bytes(cfgs: list[ModelConfig], micro_batch: int) -> float:
     """Resident bytes the trainer's loss adds, forward + backward, per logit element, beyond
     the logits themselves: the peak (VmHWM) of a fresh process running it on bf16 logits of
@@ -258,7 +264,9 @@ def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float
     def timed(fn):  # every rank runs fn in step; rank 0's best of repeats
         dist.barrier()
         return _time(fn, budget_s)
-    for cfg in cfgs:
+    # smallest logits first: each loss's peak then tops the process's earlier ones, so its
+    # resident bytes are the peak after it less the resident memory before it
+    for cfg in sorted(cfgs, key=lambda c: c.seq_len * c.padded_vocab(world)):
         T, V = micro_batch * cfg.seq_len, cfg.padded_vocab(world)
         torch.manual_seed(0)
         full = torch.randn(T, V, dtype=torch.bfloat16).mul_(3)
@@ -270,9 +278,9 @@ def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float
             with loss_parallel():
                 loss(logits, targets).backward()
             logits.grad = None
-        h0 = vm_hwm()
+        r0 = vm_rss()
         out.setdefault("loss_tp", []).append(timed(ce) / (T * V / world) * 1e9)
-        out.setdefault("loss_tp_bytes", []).append((vm_hwm() - h0) / (T * V / world))
+        out.setdefault("loss_tp_bytes", []).append((vm_hwm() - r0) / (T * V / world))
     small = distribute_tensor(torch.randn(16), mesh, [Replicate()]).requires_grad_()
 
     def chain():
