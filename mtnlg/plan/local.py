@@ -41,7 +41,7 @@ def run_local(args: argparse.Namespace) -> int:
     mb, gb = args.micro_batch or cfg.train.micro_batch, args.global_batch or cfg.train.global_batch
     recompute = args.recompute or ("full" if cfg.train.activation_checkpointing else "none")
     step = predict_step(cfg.model, prof, micro_batch=mb, global_batch=gb, tp=tp, dp=dp, precision=precision,
-                        recompute=recompute)
+                        recompute=recompute, zero=args.zero)
     mem = predict_memory(cfg.model, prof, micro_batch=mb, tp=tp, dp=dp, zero=args.zero, precision=precision)
     if args.json:
         print(json.dumps({"profile": prof.name, "source": prof.source, "tp": tp, "dp": dp, **step,
