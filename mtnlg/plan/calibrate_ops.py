@@ -220,32 +220,57 @@ def master_grad_ns(budget_s: float) -> dict[str, float]:
     return {"grad_to_fp32": _time(first, budget_s) / n * 1e9, "grad_accumulate": _time(later, budget_s) / n * 1e9}
 
 
-def tp_block_overhead(mesh, timed) -> dict[str, float]:
-    """The tensor-parallel plan's fixed cost per block and per micro-batch: forward +
-    backward + vocabulary-parallel loss of ``apply_tensor_parallel``'s GPT at a negligible
-    size (width 32, 16 tokens), with 1 and 5 blocks.  What remains at that size is DTensor's
-    dispatch and redistribution, the autograd nodes and the collectives' latency: the
-    difference per block (``tp_layer``) and the rest (``tp_base``: embedding, head, loss), ns."""
+def _micro_gpt(layers: int, vocab_size: int):
     from mtnlg.config import load_config
-    from mtnlg.model.gpt import build_model
-    from mtnlg.parallel.tensor import apply_tensor_parallel, loss_context
+    return load_config(None, [f"model.n_layers={layers}", "model.hidden=32", "model.n_heads=2", "model.seq_len=16",
+                              "model.vocab_size=256", "model.make_vocab_divisible_by=64", "model.dropout=0.0"]).model
+
+
+def _fixed_costs(build, timed, key: str) -> dict[str, float]:
+    """Fixed cost per block and the rest, per micro-batch (forward + backward + the trainer's
+    loss) of a parallel GPT at a negligible size (width 32, 16 tokens), from 1 and 5 blocks:
+    what remains at that size is dispatch, hooks, redistribution and the collectives' latency."""
     loss = _loss_fn()
     got = {}
     for layers in (1, 5):
-        cfg = load_config(None, [f"model.n_layers={layers}", "model.hidden=32", "model.n_heads=2", "model.seq_len=16",
-                                 "model.vocab_size=256", "model.make_vocab_divisible_by=64", "model.dropout=0.0"])
         torch.manual_seed(0)
-        model = apply_tensor_parallel(build_model(cfg.model, "cpu", seed=0, vocab_size=cfg.model.padded_vocab(
-            mesh.size())).to(torch.bfloat16), mesh)
+        model, ctx = build(layers)
         x = torch.randint(0, 256, (1, 16))
 
         def step():
-            with loss_context(model):
+            with ctx(model):
                 loss(model(x).flatten(0, 1), x.flatten()).backward()
             model.zero_grad(set_to_none=True)
         got[layers] = timed(step)
     per = (got[5] - got[1]) / 4
-    return {"tp_layer": max(per, 0.0) * 1e9, "tp_base": max(got[1] - per, 0.0) * 1e9}
+    return {f"{key}_layer": max(per, 0.0) * 1e9, f"{key}_base": max(got[1] - per, 0.0) * 1e9}
+
+
+def tp_block_overhead(mesh, timed) -> dict[str, float]:
+    """``tp_layer``/``tp_base``: the tensor-parallel plan (``apply_tensor_parallel``, bf16)."""
+    from mtnlg.model.gpt import build_model
+    from mtnlg.parallel.tensor import apply_tensor_parallel, loss_context
+
+    def build(layers):
+        cfg = _micro_gpt(layers, 256)
+        model = build_model(cfg, "cpu", seed=0, vocab_size=cfg.padded_vocab(mesh.size())).to(torch.bfloat16)
+        return apply_tensor_parallel(model, mesh), loss_context
+    return _fixed_costs(build, timed, "tp")
+
+
+def dp_block_overhead(mesh, timed) -> dict[str, float]:
+    """``dp_layer``/``dp_base``: data parallelism's ``replicate`` (``apply_data_parallel``, zero 0,
+    fp32 parameters under the bf16 mixed-precision policy): hooks, casts' dispatch, per-block
+    gradient all-reduce latency."""
+    from contextlib import nullcontext
+
+    from mtnlg.model.gpt import build_model
+    from mtnlg.parallel.data import apply_data_parallel
+
+    def build(layers):
+        model = build_model(_micro_gpt(layers, 256), "cpu", seed=0)
+        return apply_data_parallel(model, mesh, 0, "bf16"), lambda m: nullcontext()
+    return _fixed_costs(build, timed, "dp")
 
 
 def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 0.05) -> dict[str, float]:
@@ -298,6 +323,7 @@ def distributed_kinds(cfgs: list[ModelConfig], micro_batch: int, budget_s: float
     res = {k: float(statistics.median(v)) for k, v in out.items()}
     res["dtensor_op"] = timed(chain) / 41 * 1e9  # 20 muls, their 20 backward muls, the sum
     res.update(tp_block_overhead(mesh, timed))
+    res.update(dp_block_overhead(mesh, timed))
 
     def wrap(dtype):
         def w(model):

@@ -267,7 +267,8 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
       parameters x per-parameter cost, the DTensor path without foreach when parallel);
     * tensor parallelism: the plan's fixed cost per block and per micro-batch (DTensor dispatch
       and redistribution, autograd nodes, the collectives' latency), measured by --calibrate on
-      the tensor-parallel GPT at a negligible size (``tp_layer``, ``tp_base``)."""
+      the tensor-parallel GPT at a negligible size (``tp_layer``, ``tp_base``); data parallelism
+      likewise (``dp_layer``, ``dp_base``: replicate's hooks, per-block all-reduce latency)."""
     n = local_params(cfg, tp)
     ops: list[Op] = []
     low = precision == "bf16"
@@ -287,6 +288,9 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
     if tp > 1:
         ops.append(Op("tp_blocks_fixed", "framework", count=0, kind="tp_layer", elems=n_micro * cfg.n_layers))
         ops.append(Op("tp_embed_head_loss_fixed", "framework", count=0, kind="tp_base", elems=n_micro))
+    if dp > 1 and tp == 1:
+        ops.append(Op("dp_blocks_fixed", "framework", count=0, kind="dp_layer", elems=n_micro * cfg.n_layers))
+        ops.append(Op("dp_root_fixed", "framework", count=0, kind="dp_base", elems=n_micro))
     return ops
 
 
@@ -317,7 +321,8 @@ def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, 
         lat = 0.0 if "tp_layer" in r.kind_ns else profile.link_latency_us
         out["communication"] += n_coll * all_reduce_seconds(act, tp, profile.link_gbps, lat)
     if dp > 1:  # one gradient all-reduce per step, in the gradients' dtype (fp32 master grads for bf16)
-        out["communication"] += all_reduce_seconds(4 * n_params, dp, profile.link_gbps, profile.link_latency_us)
+        lat = 0.0 if "dp_layer" in r.kind_ns else profile.link_latency_us
+        out["communication"] += all_reduce_seconds(4 * n_params, dp, profile.link_gbps, lat)
     total = sum(out.values())
     flops = sum(o.flops for o in ops)
     return {"seconds": total, "breakdown_s": out, "flops": flops, "microbatches": n_micro,

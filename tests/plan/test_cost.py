@@ -190,6 +190,7 @@ def test_state_ops_by_hand():
     assert "master_grad_first" not in dp
     assert dp["param_cast_bf16"].elems == 3 * n and dp["grad_cast_fp32"].elems == n
     assert dp["optimizer_params"].kind == "optim_replicate_param"
+    assert dp["dp_blocks_fixed"].elems == 3 * 2 and dp["dp_root_fixed"].elems == 3
     tp = _by_name(state_ops(SMALL, 3, tp=2))
     assert tp["optimizer_params"].kind == "optim_dtensor_param"
     # the plan's fixed cost: per block per micro-batch, and once per micro-batch
