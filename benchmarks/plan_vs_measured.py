@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def _rss_tree(root_pid: int) -> dict[int, int]:
 
 def run_measured(name: str, tp: int, dp: int, steps: int, data: str, tok: str, workdir: Path) -> dict:
     run = workdir / f"{name}-tp{tp}-dp{dp}"
+    shutil.rmtree(run, ignore_errors=True)  # a retry starts afresh (no resume, no old metrics)
     sets = CONFIGS[name] + [f"model.vocab_size=8192", f"train.steps={steps}", "train.eval_interval=0",
                             f"train.save_interval={steps}", "logging.log_interval=1", "logging.progress_bar=\"never\"",
                             f'data.blend=[[1.0, "{data}"]]', f'data.tokenizer="{tok}"',
