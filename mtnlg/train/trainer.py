@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from mtnlg.config import Config, to_dict
 from mtnlg.errors import UserError
 from mtnlg.model.flops import flops_per_token
+from mtnlg.perf.alloc import keep_freed_memory
 from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.loss import IGNORE_INDEX, cross_entropy_fp32  # noqa: F401 (IGNORE_INDEX: re-exported)
 from mtnlg.train.metrics import MetricsLogger
@@ -77,6 +78,8 @@ class Trainer:
         self.precision = cfg.train.precision
         self.peak_tflops = peak_tflops
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if device.type == "cpu":  # reuse the step's freed memory instead of faulting in fresh pages
+            keep_freed_memory()
         # bf16 parameters get an fp32 master copy; under ZeRO (FSDP) the parameters stay fp32 shards and
         # the FSDP mixed-precision policy computes in bf16, so the shards are the master copy
         low = any(p.dtype != torch.float32 for p in self.params)
