@@ -32,7 +32,7 @@ PY = sys.executable
 LAYOUTS = {"train": {"parallel.tp": 2, "parallel.pp": 2, "parallel.dp": 0, "parallel.zero": 3},
            "resume": {"parallel.tp": 2, "parallel.pp": 1, "parallel.dp": 0, "parallel.zero": 3}}
 RUNTIME_GB = 0.35  # python + torch + mtnlg imported: VmHWM 0.30 GB on this machine, + gloo buffers
-RSS_OVER_PLAN = 1.3  # observed: 24 layers before the first optimizer step, 1.72-2.08 GB per rank vs 1.42 planned
+RSS_OVER_PLAN = 1.0  # 24 layers, bf16: measured peaks 0.86-0.97 x (plan + runtime); the plan now holds FSDP buffers
 
 
 def overrides(args, layout: dict, steps: int) -> list[str]:
@@ -62,8 +62,15 @@ def plan(args, layout: dict) -> list[dict]:
              "total_gb": s["memory_total_gb"]} for s in p["stages"]]
 
 
+# glibc's malloc otherwise raises its mmap threshold as large blocks are freed and then keeps the
+# freed gathered weights and gradient buffers in its heap: 0.25-0.6 GB per rank more resident memory
+# in this drill (docs/scale.md). 1 MB makes every larger block an mmap that is returned when freed.
+MMAP_THRESHOLD = str(1 << 20)
+
+
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def _children(pid: int) -> list[int]:
@@ -142,7 +149,8 @@ def main() -> int:
                     help="model vocabulary (GPT-2's 50257; the shipped corpus's tokenizer needs >= 8192)")
     ap.add_argument("--global-batch", type=int, default=4,
                     help="sequences per step: dp2 x 2 micro-batches of 1 (1F1B over 2 stages); dp4 x 1 on resume")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                    help="bf16: fp32 ZeRO-3 shards, bf16 gathered weights and compute (the preset's precision)")
     ap.add_argument("--steps-before", type=int, default=2, help="steps before the checkpoint")
     ap.add_argument("--steps-after", type=int, default=2, help="steps after resuming under the other layout")
     ap.add_argument("--out", default="runs/scale-drill")

@@ -63,6 +63,11 @@ class ParallelConfig:
                                   "| zb (zero-bubble ZB1P, virtual_stages chunks) | zbv (zero-bubble V, 2 chunks); "
                                   "steps with fewer micro-batches than stages fall back to a schedule that accepts them")
     virtual_stages: int = _f(1, "model chunks per pipeline rank for pp_schedule interleaved (>= 2) or zb")
+    zero_reduce: str = _f("micro_batch", "when zero 2/3 reduce gradients inside a pipeline (pp > 1): micro_batch = "
+                                         "after each micro-batch's backward, keeping gradients (and at zero 3 "
+                                         "parameters) sharded between micro-batches; step = once per step after the "
+                                         "last micro-batch (fewer collectives; the stage holds its unsharded "
+                                         "gradients, and at zero 3 its gathered parameters, until then)")
     sequence_parallel: bool = _f(False, "shard LayerNorm/dropout regions along the sequence (needs tp > 1 to matter)")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     timeout_s: int = _f(1800, "seconds a collective may wait (e.g. for rank 0 writing a checkpoint) before the job fails")
@@ -160,6 +165,8 @@ class Config:
             raise UserError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads}")
         if m.ffn % p.tp:
             raise UserError(f"parallel.tp={p.tp} must divide the MLP width {m.ffn}")
+        if p.zero_reduce not in ("micro_batch", "step"):
+            raise UserError(f"parallel.zero_reduce must be micro_batch or step, got {p.zero_reduce!r}")
         if p.pp_schedule not in PP_SCHEDULES:
             raise UserError(f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
         if p.virtual_stages < 1:

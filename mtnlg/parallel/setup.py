@@ -172,8 +172,9 @@ def _pipeline_fields(cfg: Config, chunks: list, pp_mesh, pp: int, device: torch.
     cache: dict = {}
     schedule = cfg.parallel.pp_schedule
     # zero 2/3 keep gradients (and zero 3 parameters) sharded between micro-batches: FSDP reduces per
-    # micro-batch; zero 0/1 let PipelineStage reduce once per step (see mtnlg/parallel/data.py)
-    per_micro_batch = cfg.parallel.zero >= 2 and dims_dp > 1
+    # micro-batch; zero 0/1, and 2/3 with parallel.zero_reduce=step, let PipelineStage reduce once per
+    # step (see mtnlg/parallel/data.py)
+    per_micro_batch = cfg.parallel.zero >= 2 and dims_dp > 1 and cfg.parallel.zero_reduce == "micro_batch"
 
     def pipeline(n_micro: int, rows: int, loss_fn, context=None, mode: str = "train"):
         name = schedule if mode == "train" else eval_schedule_name(schedule, len(chunks))

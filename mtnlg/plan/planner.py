@@ -8,7 +8,7 @@ from mtnlg.model.flops import flops_per_iteration, param_count
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, Calibration, Cluster
 from mtnlg.parallel.stages import analytic_bubble, effective_schedule, stage_layers
 from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds
-from mtnlg.plan.memory import (GB, STATE_BYTES, model_state_bytes, stage_activation_bytes,
+from mtnlg.plan.memory import (GB, STATE_BYTES, fsdp_buffer_bytes, model_state_bytes, stage_activation_bytes,
                                stage_params_local)
 from mtnlg.plan.timing import (data_parallel_time, layer_flops_split, optimizer_time, passes_per_layer,
                                stage_time, zero3_gather_per_microbatch)
@@ -25,8 +25,7 @@ def plan_stage(cfg: ModelConfig, cluster: Cluster, layout: Layout, stage: int, n
     params = stage_params_local(cfg, L.tp, L.pp, stage, vocab)
     state = STATE_BYTES[precision]
     mem = model_state_bytes(params, L.dp, L.zero, precision)
-    if L.zero >= 3:  # gathered weights of the current and the prefetched block
-        mem["gathered_weights"] = 2 * stage_params_local(cfg, L.tp, cfg.n_layers, 1, vocab) * state[0]
+    mem.update(fsdp_buffer_bytes(cfg, L.tp, L.pp, L.dp, L.zero, stage, vocab, state[0]))
     mem["activations"] = stage_activation_bytes(cfg, L, stage, n_layers, n_micro, vocab, _act_bytes(precision))
     t = stage_time(cfg, cluster, calib, L, stage, n_layers, vocab, _act_bytes(precision))
     z3 = zero3_gather_per_microbatch(cluster, calib, L, params, state)

@@ -336,6 +336,8 @@ class Checkpointer:
         kept = f"{last.name} is intact and resumable" if last else "there is no earlier checkpoint"
         inner = ck.root_error(p.error) if p.error else None
         full = (isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in reason
+        # torch's zip writer reports a short write as "unexpected pos", without the errno
+        full = full or (self._needed_bytes() > shutil.disk_usage(self.root).free and "unexpected pos" in reason)
         if full:
             what = (f"no space left on device in {self.root} for checkpoint step {p.step}: it needs about "
                     f"{_fmt_bytes(self._needed_bytes())}, {_fmt_bytes(shutil.disk_usage(self.root).free)} are free")

@@ -42,12 +42,14 @@ TRAIN_LAYOUTS = {  # default suite (one 8-rank spawn: 34 s on the quiet 2-core m
     "z0_1f1b": dict(zero=0),
     "z1_1f1b": dict(zero=1),
     "z3_1f1b": dict(zero=3),
+    "z3_1f1b_step": dict(zero=3, zero_reduce="step"),  # PipelineStage reduces once per step
     "z1_interleaved": dict(zero=1, pp_schedule="interleaved", virtual_stages=2),
     "z1_zbv": dict(zero=1, pp_schedule="zbv"),
     "pp4tp2_m2": dict(dp=1, pp=4, zero=0, global_batch=4),  # 2 micro-batches on 4 stages
 }
 SLOW_TRAIN_LAYOUTS = {  # make test-slow
     "z2_1f1b": dict(zero=2),
+    "z2_1f1b_step": dict(zero=2, zero_reduce="step"),
     "z1_gpipe": dict(zero=1, pp_schedule="gpipe"),
     "z1_zb": dict(zero=1, pp_schedule="zb", virtual_stages=2),
     "z0_zbv": dict(zero=0, pp_schedule="zbv"),
@@ -57,7 +59,7 @@ SLOW_TRAIN_LAYOUTS = {  # make test-slow
 
 
 def config(dp=1, pp=1, tp=1, zero=0, pp_schedule="1f1b", virtual_stages=1, n_layers=4, vocab_div=64,
-           global_batch=8):
+           global_batch=8, zero_reduce="micro_batch"):
     from mtnlg.config import Config
     cfg = Config()
     m, t, o, p = cfg.model, cfg.train, cfg.optim, cfg.parallel
@@ -67,6 +69,7 @@ def config(dp=1, pp=1, tp=1, zero=0, pp_schedule="1f1b", virtual_stages=1, n_lay
     t.eval_batches = 2
     o.lr, o.warmup_steps, o.grad_clip = 3e-3, 1, 0.1  # a tight clip: clipping is active
     p.dp, p.pp, p.tp, p.zero, p.pp_schedule, p.virtual_stages = dp, pp, tp, zero, pp_schedule, virtual_stages
+    p.zero_reduce = zero_reduce
     return cfg.validate()
 
 
@@ -124,7 +127,17 @@ def check_train(world, rank, kw, tmp):
     ref = trainer(ref_cfg, 1, 0, tmp / f"ref{rank}")
     par = trainer(cfg, world, rank, tmp / "par")
     ref_rec = [ref.train_step() for _ in range(3)]
-    par_rec = [par.train_step() for _ in range(3)]
+    from mtnlg.parallel.data import ChunkedReduceScatter
+    calls, call = [0], ChunkedReduceScatter.__call__
+
+    def counted(self, *a, **k):  # every FSDP gradient reduce-scatter on CPU goes through here
+        calls[0] += 1
+        return call(self, *a, **k)
+    ChunkedReduceScatter.__call__ = counted
+    try:
+        par_rec = [par.train_step() for _ in range(3)]
+    finally:
+        ChunkedReduceScatter.__call__ = call
     val = abs(ref.evaluate() - par.evaluate()) / ref.evaluate()
     rp = dict(ref.model.named_parameters())
     params, worst = 0.0, ""
@@ -138,7 +151,8 @@ def check_train(world, rank, kw, tmp):
             "clipped": all(a["grad_norm"] > cfg.optim.grad_clip for a in ref_rec),
             "val": val, "params": params, "worst": worst,
             "bubble": [(r.get("bubble"), r.get("bubble_analytic"), r.get("pp_schedule")) for r in par_rec],
-            "types": sorted({type(p).__name__ for p in par.model.parameters()})}
+            "types": sorted({type(p).__name__ for p in par.model.parameters()}),
+            "reduce_scatters_per_step": calls[0] / 3}
 
 
 def worker(rank, world_size, tmp, init_layouts, train_layouts):
@@ -187,6 +201,14 @@ def test_3d_training_matches_one_process(results, layout):
 @pytest.mark.parametrize("layout", list(SLOW_TRAIN_LAYOUTS))
 def test_3d_training_matches_one_process_more_schedules(slow_results, layout):
     _check_train(slow_results, layout)
+
+
+def test_zero_reduce_step_reduces_once_per_step(results):
+    """zero 3 on 1F1B with 2 micro-batches per step: per micro-batch every FSDP unit of a stage
+    reduce-scatters twice a step, with parallel.zero_reduce=step once (and the same model, above)."""
+    for rank, res in enumerate(results):
+        micro, step = (res["train"][k]["reduce_scatters_per_step"] for k in ("z3_1f1b", "z3_1f1b_step"))
+        assert step > 0 and micro == 2 * step, (rank, micro, step)
 
 
 def test_bubble_reported(results):

@@ -125,3 +125,24 @@ def test_time_pipeline_bubble_and_comm_by_hand():
     assert p["time_breakdown_s"]["pipeline"] == pytest.approx((m + 1) * last["total_s"])
     assert p["bubble_fraction"] == pytest.approx(1 / 4)
     assert p["flops_per_iteration"] == pytest.approx(flops_per_iteration(cfg, 8, recompute=True, vocab=256))
+
+
+def test_fsdp_buffers_of_the_760m_drill_layouts_by_hand():
+    """The buffers FSDP2 holds at the end of backward (mtnlg.plan.memory.fsdp_buffer_bytes), worked
+    out by hand for the scale drill's two layouts (gpt-760m, bf16: 2-byte gathered weights and
+    gradients, fp32 reduce-scatter input and output)."""
+    cfg = load_config("configs/gpt-760m.toml").model
+    emb = 50432 * 1536 // 2  # vocabulary-parallel embedding, tp 2: 50257 padded to a multiple of 128 x tp
+    block = 14_170_368                                         # 12h²/2 + (3h + 4h)/2 biases + 2 replicated biases + 4h norms
+    assert 12 * 1536 ** 2 // 2 + (3 * 1536 + 6144) // 2 + 2 * 1536 + 4 * 1536 == block
+    pp1 = plan_layout(cfg, _toy_cluster(1, 8), Layout(tp=2, pp=1, dp=4, zero=3, recompute="none"), 4, "bf16")
+    m = pp1["stages"][0]["memory_gb"]
+    assert m["reduce_buffers"] * 1e9 == pytest.approx(emb * (2 + 4 + 4 / 4))
+    assert m["gathered_weights"] * 1e9 == pytest.approx((2 * block + emb) * 2)  # the root keeps the tied table
+    pp2 = plan_layout(cfg, _toy_cluster(1, 8), Layout(tp=2, pp=2, dp=2, zero=3, recompute="none"), 4, "bf16")
+    first, last = (s["memory_gb"] for s in pp2["stages"])
+    assert first["reduce_buffers"] * 1e9 == pytest.approx(emb * (2 + 4 + 4 / 2))
+    assert last["reduce_buffers"] * 1e9 == pytest.approx(block * (2 + 4 + 4 / 2))
+    assert first["gathered_weights"] * 1e9 == last["gathered_weights"] * 1e9 == pytest.approx(2 * block * 2)
+    z0 = plan_layout(cfg, _toy_cluster(1, 8), Layout(tp=2, pp=2, dp=2, zero=0, recompute="none"), 4, "bf16")
+    assert "reduce_buffers" not in z0["stages"][0]["memory_gb"]  # replicate all-reduces in place

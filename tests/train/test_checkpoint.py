@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 
@@ -290,3 +291,28 @@ def test_missing_latest_marker_uses_the_newest_intact_checkpoint(tmp_path, capsy
     assert ck.latest_checkpoint(root) == root / "step_00000002"
     assert "latest is missing" in capsys.readouterr().err
     assert ck.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_short_write_on_a_full_disk_is_named_as_disk_full(tmp_path, monkeypatch):
+    """On a full ext4 disk torch's zip writer fails with "unexpected pos" and no errno (seen in the
+    760M scale drill, 8.5 GB checkpoints); with less free space than the last checkpoint took, that
+    is reported as a full disk.  With space to spare the same error is reported as it is."""
+    import shutil as sh
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from mtnlg.train import dcp
+    run = tmp_path / "run"
+    t = make_trainer(tiny_config(keep=2), run)
+    t.train_step()
+    t.save()
+
+    def short(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(fs, "_write_item", short)
+    real = sh.disk_usage
+    for free, expected in ((1000, "no space left on device in"), (10**12, "failed (RuntimeError")):
+        monkeypatch.setattr(dcp.shutil, "disk_usage", lambda p, free=free: real(p)._replace(free=free))
+        t.train_step()
+        with pytest.raises(UserError, match=re.escape(expected)):
+            t.save()
+    assert (run / "checkpoints/latest").read_text() == "step_00000001\n"
