@@ -5,10 +5,10 @@ activations, gradients and logits every time.  glibc's malloc serves large
 blocks with ``mmap`` and gives them back with ``munmap`` (and trims the heap
 top), so each step touches fresh pages: the kernel zero-fills them on first
 write, a minor page fault per 4 KiB (~600k faults and ~1.3 s of system time
-per 16 steps of the 14M model on the 2-core CPU).  Raising the mmap threshold
-to its maximum and switching off trimming makes those blocks come from the
-heap and stay there: 3x fewer faults, half the system time, ~3.5% more
-tokens/s (README "Performance").  Peak resident memory is unchanged (the
+in a benchmark process of the 14M model on the 2-core CPU).  Raising the mmap
+threshold to its maximum and switching off trimming makes those blocks come
+from the heap and stay there: 3x fewer faults, half the system time, 3.5-7%
+more tokens/s (README "Performance").  Peak resident memory is unchanged (the
 memory is reused, not added); memory freed after the peak is not returned to
 the OS until the process ends.
 """
