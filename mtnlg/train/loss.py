@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets that carry no loss (fine-tuning prompts, padding); F.cross_entropy's default
-CHUNK_ELEMS = 1 << 20  # float32 elements of one slice of rows (4 MB: stays in cache on the 2-core CPU)
+# float32 elements of one slice of rows: 4 MB on CPU (measured 2.7x faster than 16 MB on the 2-core CPU);
+# elsewhere the earlier 16 MB (not measured on GPU yet: fewer, larger slices mean fewer kernel launches)
+CHUNK_ELEMS = {"cpu": 1 << 20}
+DEFAULT_CHUNK_ELEMS = 1 << 22
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -46,7 +49,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return out, None, None, None
 
 
-def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int = CHUNK_ELEMS,
+def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int | None = None,
                        denom: float | torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy computed in float32.  Low-precision plain logits take
     the sliced path above; float32 and sharded (tensor-parallel, DTensor)
@@ -61,5 +64,6 @@ def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems:
         return F.cross_entropy(logits.float(), targets, reduction="sum") / denom
     if denom is None:  # the mean over the targets that count, as F.cross_entropy (a tensor: no device sync)
         denom = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    chunk_elems = chunk_elems or CHUNK_ELEMS.get(logits.device.type, DEFAULT_CHUNK_ELEMS)
     rows = max(1, chunk_elems // logits.shape[-1])
     return _ChunkedCrossEntropy.apply(logits, targets, rows, denom)
