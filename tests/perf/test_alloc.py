@@ -41,3 +41,16 @@ def test_training_steps_reuse_freed_memory_without_page_faults():
     step's large blocks are unmapped and faulted in again (observed: 2..2k vs 50k..120k)."""
     kept, default = _faults("keep"), _faults("default")
     assert 10 * kept < default, (kept, default)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_explicit_malloc_environment_wins():
+    """A run that sets glibc's tunables itself (the scale drill: MALLOC_MMAP_THRESHOLD_=1048576, to
+    return freed buffers under ZeRO-3) keeps them: the trainer's setting steps aside."""
+    import os
+    code = "import mtnlg.perf.alloc as a; print(a.keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**env, "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    assert (plain.stdout.split()[-1], chosen.stdout.split()[-1]) == ("True", "False")
