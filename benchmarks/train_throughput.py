@@ -8,10 +8,23 @@ same dtype, timed here and now.  Ratios, not absolute seconds: the machine is
 shared and noisy.
 
     python benchmarks/train_throughput.py [--steps 6] [--configs tiny,14m] [--device cpu]
+
+A/B against another checkout of the code (a before/after table of a change):
+
+    git archive <old-commit> | tar -x -C /tmp/before
+    python benchmarks/train_throughput.py --baseline /tmp/before --repeats 3 --precisions bf16
+
+runs each row ``--repeats`` times for each tree, alternating, each run in its
+own process with this file's timing and the tree's ``mtnlg`` package, and
+reports the median tokens/s of each and the median of the paired ratios.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,12 +99,15 @@ def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
         trainer = Trainer(cfg, model, data, data, Path(d), device)
         for _ in range(2):
             trainer.train_step()
-        t0 = time.perf_counter()
+        times = []
         for _ in range(steps):
+            t0 = time.perf_counter()
             trainer.train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    # the median step: robust to another process taking the shared machine's cores for a while
+    elapsed = steps * statistics.median(times)
     tokens = steps * cfg.train.global_batch * cfg.model.seq_len
     tflops = tokens / elapsed * flops_per_token(cfg.model, vocab=vocab) / 1e12
     rate = matmul_rate(gemm_shapes(cfg.model, cfg.train.micro_batch * cfg.model.seq_len, vocab),
@@ -101,14 +117,57 @@ def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
             "tflops": tflops, "matmul_tflops": rate, "ratio": tflops / rate}
 
 
+def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.device) -> dict:
+    """``bench`` in a fresh process, timing the ``mtnlg`` package of checkout ``tree``."""
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); import mtnlg, torch; "
+            f"assert mtnlg.__file__.startswith({str(tree)!r}), mtnlg.__file__; "
+            f"sys.path.insert(0, {str(here)!r}); from train_throughput import bench; "
+            f"print(json.dumps(bench({name!r}, {precision!r}, {steps}, torch.device({str(device)!r}))))")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"benchmark in {tree} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(baseline: Path, names: list[str], precisions: list[str], steps: int, repeats: int,
+            device: torch.device) -> None:
+    """Before (``baseline`` checkout) / after (this checkout) rows, alternating runs."""
+    this = Path(__file__).resolve().parents[1]
+    head = (f"{'config':<6} {'precision':<14} {'before tok/s':>12} {'after tok/s':>12} {'speedup':>8} "
+            f"{'before MFU/mm':>14} {'after MFU/mm':>13}")
+    print(f"before: {baseline}\nafter:  {this}\n{head}\n" + "-" * len(head))
+    for name in names:
+        for precision in precisions:
+            runs = {"before": [], "after": []}
+            for _ in range(repeats):
+                runs["before"].append(bench_tree(baseline, name, precision, steps, device))
+                runs["after"].append(bench_tree(this, name, precision, steps, device))
+            med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+            ratio = {k: statistics.median(r["ratio"] for r in v) for k, v in runs.items()}
+            speedup = statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
+                                        for b, a in zip(runs["before"], runs["after"]))
+            print(f"{name:<6} {precision:<14} {med['before']:>12.0f} {med['after']:>12.0f} {speedup:>7.3f}x "
+                  f"{100 * ratio['before']:>13.1f}% {100 * ratio['after']:>12.1f}%", flush=True)
+    print(f"\nmedians over {repeats} alternating runs of {steps} timed steps each; speedup = median of the paired "
+          f"after/before tokens/s; MFU/mm = model FLOP/s over the matmul rate at the model's shapes, same run.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--configs", default="tiny,14m", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="comma list of: " + ", ".join(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--baseline", type=Path, help="another checkout: print before (it) / after (this) rows")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per tree with --baseline")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.baseline:
+        compare(args.baseline.resolve(), args.configs.split(","), args.precisions.split(","), args.steps,
+                args.repeats, device)
+        return
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     header = f"{'config':<6} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
     print(header)

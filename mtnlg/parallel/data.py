@@ -150,7 +150,7 @@ class ChunkedReduceScatter(ReduceScatter):
     costs another unsharded gradient of memory at the end of each unit's backward (the
     vocabulary-sized embedding's is the largest: +154 MB per rank in the 760M drill at tp 2,
     fp32).  Slicing bounds that copy; each slice is an ordinary reduce-scatter of the
-    same elements, so the sums are the same."""
+    same elements (gloo may add them in another order than for the whole buffer)."""
 
     def __init__(self, chunk_elems: int = 1 << 22):
         self.chunk_elems = chunk_elems
@@ -163,11 +163,11 @@ class ChunkedReduceScatter(ReduceScatter):
         n, world = output_tensor.numel(), dist.get_world_size(group)
         step = max(1, self.chunk_elems // world)
         if n <= step:
-            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+            return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
         rows = input_tensor.view(world, n)
         for a in range(0, n, step):
             b = min(n, a + step)
-            dist.reduce_scatter_tensor(output_tensor[a:b], rows[:, a:b].contiguous().view(-1), op=op, group=group)
+            dist.reduce_scatter_single(output_tensor[a:b], rows[:, a:b].contiguous().view(-1), op=op, group=group)
         return None
 
 

@@ -41,16 +41,38 @@ class MasterWeights:
     def __init__(self, model_params: list[torch.nn.Parameter]):
         self.model_params = model_params
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
+        self.plain = all(type(p.data) is torch.Tensor for p in model_params)  # not DTensor shards
 
     def accumulate_grads(self) -> None:
         """Add this micro-batch's low-precision gradients into the fp32 master
-        gradients (summing many micro-batches in bf16 would lose precision)."""
+        gradients (summing many micro-batches in bf16 would lose precision).
+        The first micro-batch of a step casts into fresh master gradients
+        (no zero fill); later ones add with one foreach kernel."""
+        fresh, add_to, add_from = [], [], []
         for p, m in zip(self.model_params, self.params):
-            if p.grad is not None:
-                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
-                p.grad = None
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                fresh.append((p, m))
+            else:
+                add_to.append(m.grad)
+                add_from.append(p.grad)
+        for p, m in fresh:
+            m.grad = p.grad.float()
+        if add_to and self.plain:
+            torch._foreach_add_(add_to, add_from)
+        else:
+            for g, q in zip(add_to, add_from):
+                g.add_(q)
+        for p in self.model_params:
+            p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:
-        for p, m in zip(self.model_params, self.params):
-            p.copy_(m)
+        """Round the updated fp32 weights into the model's (one foreach kernel
+        for plain tensors; DTensors copy one by one)."""
+        if self.plain:
+            torch._foreach_copy_(self.model_params, self.params)
+        else:
+            for p, m in zip(self.model_params, self.params):
+                p.copy_(m)

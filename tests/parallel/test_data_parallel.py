@@ -221,18 +221,23 @@ def _chunked_reduce_scatter_worker(rank, world_size):
     from mtnlg.parallel.data import ChunkedReduceScatter
     out = {}
     for n, chunk in ((1000, 64), (1001 * world_size, 300), (7, 1 << 22)):  # ragged last slice, one slice
-        x = torch.randn(n * world_size, generator=torch.Generator().manual_seed(rank + 10 * n))
-        got, ref = torch.empty(n), torch.empty(n)
-        ChunkedReduceScatter(chunk)(got, x.clone(), dist.group.WORLD, dist.ReduceOp.SUM)
-        dist.reduce_scatter_tensor(ref, x.clone())
-        out[n] = (got, ref)
-    return out
+        inputs = [torch.randn(n * world_size, generator=torch.Generator().manual_seed(r + 10 * n))
+                  for r in range(world_size)]  # every rank's input, so each rank can sum them itself
+        got = torch.empty(n)
+        ChunkedReduceScatter(chunk)(got, inputs[rank].clone(), dist.group.WORLD, dist.ReduceOp.SUM)
+        terms = torch.stack(inputs).double()[:, rank * n:(rank + 1) * n]
+        want, scale = terms.sum(0), terms.abs().sum(0)  # error bound of a float sum: roundings x sum of |terms|
+        err = ((got.double() - want).abs() / scale).max().item()
+        out[n] = (err, want.abs().max().item())
+    return out  # plain values: tensors would go back through shared memory the exiting worker owns
 
 
-def test_chunked_reduce_scatter_equals_one_reduce_scatter():
-    """The gloo reduce-scatter FSDP uses on CPU, in slices, gives every rank the same shard
-    as one ``reduce_scatter_tensor`` (3 ranks: sums of 3 terms, so the order is exercised)."""
+def test_chunked_reduce_scatter_gives_each_rank_its_summed_shard():
+    """The gloo reduce-scatter FSDP uses on CPU, in slices (ragged last slice, and a single
+    slice), gives every rank its shard of the sum over 3 ranks: checked against a float64 sum
+    (tolerance: 2 fp32 roundings of the terms' magnitude, what a 3-term sum in any order can be
+    off by; a wrong slice or rank order is off by O(1))."""
     results = run_distributed(_chunked_reduce_scatter_worker, world_size=3, timeout_s=60)
     for rank in range(3):
-        for n, (got, ref) in results[rank].items():
-            assert torch.equal(got, ref), (rank, n)
+        for n, (err, size) in results[rank].items():
+            assert err <= 2 * 2 ** -24 and size > 0, (rank, n, err)

@@ -1,0 +1,69 @@
+"""The training loss: next-token cross-entropy computed in float32.
+
+bf16 logits are never upcast whole.  The forward pass upcasts a slice of rows
+at a time and keeps only the summed loss; the backward pass recomputes each
+slice's softmax in float32 and writes ``(softmax - onehot) * scale`` straight
+into a bf16 gradient, one slice at a time.  Against autograd through
+``F.cross_entropy(chunk.float())`` this saves the float32 log-probabilities
+kept for backward (2x the logits' bytes), NLL's zero-filled gradient, the
+fp32->bf16 cast of every slice's gradient and the ``cat`` that joins them
+(forward + backward 2.1x faster at 2048 x 8192 on the 2-core CPU, measured
+in isolation; ``tests/train/test_loss.py`` checks it against float32 autograd).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets that carry no loss (fine-tuning prompts, padding); F.cross_entropy's default
+# float32 elements of one slice of rows: 4 MB on CPU (measured 2.7x faster than 16 MB on the 2-core CPU);
+# elsewhere the earlier 16 MB (not measured on GPU yet: fewer, larger slices mean fewer kernel launches)
+CHUNK_ELEMS = {"cpu": 1 << 20}
+DEFAULT_CHUNK_ELEMS = 1 << 22
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of ``-log softmax(logits)[target]`` divided by ``denom``,
+    in float32, for low-precision 2-D ``logits``; rows whose target is
+    ``IGNORE_INDEX`` count zero and get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int, denom: float | torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for c, t in zip(logits.split(rows), targets.split(rows)):
+            total += F.cross_entropy(c.float(), t, reduction="sum", ignore_index=IGNORE_INDEX)
+        ctx.save_for_backward(logits, targets)
+        ctx.rows, ctx.denom = rows, denom
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        scale = grad.float() / ctx.denom
+        for c, t, o in zip(logits.split(ctx.rows), targets.split(ctx.rows), out.split(ctx.rows)):
+            p = torch.softmax(c.float(), dim=-1)
+            valid = t != IGNORE_INDEX
+            p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
+            torch.mul(p, (valid * scale)[:, None], out=o)  # scale, zero ignored rows, round to bf16: one pass
+        return out, None, None, None
+
+
+def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int | None = None,
+                       denom: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy computed in float32.  Low-precision plain logits take
+    the sliced path above; float32 and sharded (tensor-parallel, DTensor)
+    logits take ``F.cross_entropy`` (vocabulary-parallel for a DTensor).
+
+    With ``denom`` the loss is the *sum* over targets other than
+    ``IGNORE_INDEX`` divided by ``denom`` (fine-tuning divides by the loss
+    tokens of the whole global batch, see ``Trainer._loss_scale``)."""
+    if logits.dtype == torch.float32 or type(logits) is not torch.Tensor:
+        if denom is None:
+            return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / denom
+    if denom is None:  # the mean over the targets that count, as F.cross_entropy (a tensor: no device sync)
+        denom = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    chunk_elems = chunk_elems or CHUNK_ELEMS.get(logits.device.type, DEFAULT_CHUNK_ELEMS)
+    rows = max(1, chunk_elems // logits.shape[-1])
+    return _ChunkedCrossEntropy.apply(logits, targets, rows, denom)
