@@ -319,6 +319,9 @@ def calibrate(cfgs: list[ModelConfig], micro_batch: int, device: torch.device, p
         threads = sorted({1, cores})
     else:
         threads = [1]
+    if device.type == "cpu":  # time the kernels under the allocator settings the trainer runs with
+        from mtnlg.plan.calibrate_ops import step_allocator
+        step_allocator()
     old = torch.get_num_threads()
     rates, details = {}, {}
     try:

@@ -105,7 +105,8 @@ def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 
 
 _LOSS_RSS = """
 import sys, torch
-from mtnlg.plan.calibrate_ops import _loss_fn, vm_hwm
+from mtnlg.plan.calibrate_ops import _loss_fn, vm_hwm, step_allocator
+step_allocator()
 T, V, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 logits = torch.randn(T, V, dtype=torch.bfloat16).mul_(3).requires_grad_()
 targets = torch.randint(0, n, (T,))
@@ -116,6 +117,15 @@ for _ in range(2):
     logits.grad = None
 print(vm_hwm() - h0)
 """
+
+
+def step_allocator() -> None:
+    """Run with the allocator settings the trainer uses (``mtnlg.perf.alloc``), where it has them."""
+    try:
+        from mtnlg.perf.alloc import keep_freed_memory
+    except ImportError:
+        return
+    keep_freed_memory()
 
 
 def vm_hwm() -> int:
