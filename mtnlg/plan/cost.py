@@ -10,9 +10,11 @@ with P the in-cache matrix rate, C the operand bytes that stay in cache, W
 the bandwidth the excess streams at and t0 the fixed cost of one call (on a
 GPU C = 0 and W is HBM); efficiency = (2mkn / t) / P
 therefore grows with the shape (a bigger hidden size does more FLOPs per
-byte and per call), as cuBLAS and oneDNN do.  Memory-bound operations
-(LayerNorm, GeLU, residual adds, copies, cross-entropy) cost bytes moved over
-the streaming bandwidth plus a dispatch overhead per kernel; the attention
+byte and per call), as cuBLAS and oneDNN do.  The kernels between the GEMMs
+(LayerNorm, GeLU, residual adds, copies, bias-gradient sums, casts, the loss)
+cost their elements times a rate measured per kind where the profile has one
+(CPU: they are compute-bound there), else bytes moved over the streaming
+bandwidth plus a dispatch overhead per kernel (GPU datasheets); the attention
 core runs at its own rate (a flash kernel's FLOP rate at the model's head
 size); the optimizer costs a measured time per parameter; collectives are
 ring algorithms with a per-message latency.
