@@ -97,21 +97,10 @@ async def _completions(state: ServerState, body: CompletionRequest, request: HTT
                      "completion_tokens": sum(c.n_generated for c in choices),
                      "total_tokens": sum(map(len, prompts)) + sum(c.n_generated for c in choices)}
     if body.stream:
-        async def stream():
-            try:
-                async for i, out in sub.events(request):
-                    text, lp, reason = choices[i].push(out, body.logprobs is not None)
-                    if text or lp or reason:
-                        yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                         "finish_reason": reason}]})
-                    if choices[i].stopped_early():
-                        sub.engine.abort(sub.ids[i])
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse({**head, "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            except ClientGone:
-                return
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def piece(i, out):
+            text, lp, reason = choices[i].push(out, body.logprobs is not None)
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason} if text or lp or reason else None
+        return _event_stream(sub, request, choices, piece, head, body, usage)
     if not await _collect(sub, request, choices):
         return None
     result = []
@@ -228,28 +217,17 @@ async def _chat(state: ServerState, body: ChatRequest, request: HTTPRequest):
                      "total_tokens": len(ids) + sum(c.n_generated for c in choices)}
     chunk = {**head, "object": "chat.completion.chunk"}
     if body.stream:
-        async def stream():
-            try:
-                for i in range(body.n):
-                    yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]})
-                async for i, out in sub.events(request):
-                    c = choices[i]
-                    before = c.lp_sent
-                    text, _, reason = c.push(out, False)
-                    lp = _chat_logprobs(c, before) if body.logprobs else None
-                    if text or reason or lp:
-                        delta = {"content": text} if text else {}
-                        yield _sse({**chunk, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                                          "finish_reason": reason}]})
-                    if c.stopped_early():
-                        sub.engine.abort(sub.ids[i])
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
-            except ClientGone:
-                return
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def piece(i, out):
+            c = choices[i]
+            before = c.lp_sent
+            text, _, reason = c.push(out, False)
+            lp = _chat_logprobs(c, before) if body.logprobs else None
+            if not (text or reason or lp):
+                return None
+            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(body.n)]
+        return _event_stream(sub, request, choices, piece, chunk, body, usage, opening)
     if not await _collect(sub, request, choices):
         return None
     result = []
@@ -277,6 +255,29 @@ def _chat_logprobs(c: _Choice, start: int) -> dict | None:
         e["top_logprobs"] = [entry(t, lp) for t, lp in c.tops[k]]
         content.append(e)
     return {"content": content}
+
+
+def _event_stream(sub, request, choices, piece, head: dict, body, usage, opening=()) -> StreamingResponse:
+    """The server-sent events of a streaming request, shared by completions and chat:
+    the ``opening`` choices, then one chunk per engine event that carries something
+    (``piece(i, out)``: a choice, or None), aborting a sequence that hit a stop string,
+    the usage chunk when ``stream_options.include_usage`` asks for it, and [DONE]."""
+    async def stream():
+        try:
+            for choice in opening:
+                yield _sse({**head, "choices": [choice]})
+            async for i, out in sub.events(request):
+                choice = piece(i, out)
+                if choice is not None:
+                    yield _sse({**head, "choices": [choice]})
+                if choices[i].stopped_early():
+                    sub.engine.abort(sub.ids[i])
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+    return StreamingResponse(stream(), media_type="text/event-stream")
 
 
 async def _collect(sub, request, choices) -> bool:
