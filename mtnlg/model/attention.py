@@ -65,10 +65,9 @@ def _blocks(T: int):
         yield r0, min(T, r0 + BLOCK)
 
 
-def _diagonal_mask(r0: int, r1: int, device) -> torch.Tensor:
-    """True above the diagonal of the (r1-r0) x r1 score block of queries r0..r1."""
-    rows = torch.arange(r0, r1, device=device).unsqueeze(1)
-    return torch.arange(r1, device=device).unsqueeze(0) > rows
+def _causal_bias(n: int, device) -> torch.Tensor:
+    """0 on and below the diagonal of an n x n block, -inf above (added: faster than masked_fill_)."""
+    return torch.full((n, n), float("-inf"), device=device).triu_(1)
 
 
 class _CausalGemmAttention(torch.autograd.Function):
@@ -88,7 +87,7 @@ class _CausalGemmAttention(torch.autograd.Function):
         probs = []
         for r0, r1 in _blocks(T):
             s = torch.matmul(q32[:, :, r0:r1], k32[:, :, :r1].transpose(-2, -1))
-            s[..., r0:].masked_fill_(_diagonal_mask(r0, r1, q.device)[:, r0:], float("-inf"))
+            s[..., r0:] += _causal_bias(r1 - r0, q.device)  # the diagonal block; keys before r0 are all seen
             p = torch.softmax(s, dim=-1).to(q.dtype)
             o[:, :, r0:r1] = torch.matmul(p, v[:, :, :r1])
             probs.append(p)
