@@ -46,6 +46,8 @@ CONFIGS = {
     "14m": ["model.n_layers=6", "model.hidden=384", "model.n_heads=6", "model.seq_len=256",
             "model.vocab_size=8192", "train.micro_batch=8", "train.global_batch=8"],
 }
+# the same model with the exact erf GeLU (Megatron's, model.activation=gelu) instead of GPT-2's tanh form
+CONFIGS["14m-erf"] = CONFIGS["14m"] + ["model.activation=gelu"]
 PRECISIONS = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16}
 
 
