@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from mtnlg.config import ACTIVATIONS, ModelConfig
 from mtnlg.errors import UserError
+from mtnlg.model.attention import causal_attention
 
 
 @dataclass
@@ -105,8 +106,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 

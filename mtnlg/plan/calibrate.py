@@ -6,7 +6,7 @@ What is timed, for one thread and for every core (CPU) or on the GPU:
   every weight matrix, from ``cost.step_ops``) plus a sweep of square and
   skinny shapes; the roofline ``t = 2mkn/P + bytes/W + t0`` is fitted to them
   by least squares on relative error;
-* the attention core (SDPA forward + backward) at the models' shapes;
+* the attention core (the model's ``causal_attention``, forward + backward) at the models' shapes;
 * elementwise streaming bandwidth (an add of large tensors) and the dispatch
   cost of one small autograd op;
 * the optimizer path of the trainer (AdamW on fp32 master weights, gradient
@@ -27,9 +27,9 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mtnlg.config import ModelConfig
+from mtnlg.model.attention import causal_attention
 from mtnlg.plan.cost import DeviceProfile, Rates, step_ops
 from mtnlg.plan.calibrate_ops import elementwise_ns
 
@@ -132,7 +132,7 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
         g = torch.randn(B, H, s, d, dtype=dt, device=device)
 
         def fwd_bwd():
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = causal_attention(q, k, v)  # the model's own kernel choice (SDPA, or GEMMs for CPU bf16)
             y.backward(g)
         sec = time_call(fwd_bwd, device, budget_s)
         attn.append(3 * 4.0 * B * s * s * H * d / sec / 1e12)

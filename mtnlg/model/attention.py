@@ -1,0 +1,121 @@
+"""Causal self-attention for bf16 training on CPU, from GEMMs.
+
+PyTorch's CPU flash-attention kernel is exact but slow in bf16 here: at the
+14M benchmark's shapes (8 x 6 heads x 256 tokens x 64) its backward takes
+2.5x its forward and the pair ~4x the time of the same FLOPs in bf16 GEMMs
+(``benchmarks/profile_step.py``).  This kernel computes the same function
+with the precision choices of FlashAttention on GPUs:
+
+* scores ``q k^T`` and the probability gradient ``dO v^T`` are computed in
+  fp32 (from the exact bf16 inputs), so the softmax and its backward see no
+  bf16 rounding: CPU torch offers no bf16 GEMM with an fp32 output, so these
+  two run as fp32 GEMMs over the causal lower triangle only, by blocks of
+  ``BLOCK`` queries;
+* the probabilities P and the score gradient dS are rounded once to bf16 and
+  multiplied in bf16 GEMMs (``P v``, ``P^T dO``, ``dS k``, ``dS^T q``), as
+  FlashAttention does with its tiles;
+* ``D = rowsum(dO * O)`` comes from the bf16 output, as in FlashAttention-2.
+
+Its error against an fp64 reference is that of SDPA's CPU kernel (checked in
+``tests/model/test_attention.py``).  Unlike FlashAttention it keeps P for
+the backward, about B*H*T^2/2 bf16 values per layer (the causal lower
+triangle in blocks: 4.7 MB per layer at the 14M benchmark's shapes), so it is
+used only for sequences up to ``MAX_SEQ``; the planner's CPU memory model
+counts it (``mtnlg.plan.cost.predict_memory``).
+
+``causal_attention`` picks this kernel or SDPA: this one for bf16 on CPU
+without dropout and ``T <= MAX_SEQ``, SDPA everywhere else (CUDA has its own
+flash kernels).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128      # queries per block of the fp32 score GEMMs
+MAX_SEQ = 1024   # longest sequence whose probabilities (about B*H*T^2/2 bf16) are kept for the backward
+
+
+def uses_gemm_kernel(q: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether ``causal_attention`` runs the GEMM kernel for these inputs."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout_p == 0.0
+            and q.shape[-2] <= MAX_SEQ and type(q) is torch.Tensor)
+
+
+def probability_bytes(batch: int, heads: int, seq: int) -> int:
+    """Bytes the GEMM kernel keeps per layer for the backward beyond what SDPA keeps, where it
+    runs (bf16 on CPU): the bf16 probabilities of each query block against the keys up to its
+    end; 0 past ``MAX_SEQ``, where SDPA runs."""
+    if seq > MAX_SEQ:
+        return 0
+    return batch * heads * sum((r1 - r0) * r1 for r0, r1 in _blocks(seq)) * 2
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v over (B, H, T, D) tensors."""
+    if uses_gemm_kernel(q, dropout_p):
+        return _CausalGemmAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+def _blocks(T: int):
+    for r0 in range(0, T, BLOCK):
+        yield r0, min(T, r0 + BLOCK)
+
+
+def _diagonal_mask(r0: int, r1: int, device) -> torch.Tensor:
+    """True above the diagonal of the (r1-r0) x r1 score block of queries r0..r1."""
+    rows = torch.arange(r0, r1, device=device).unsqueeze(1)
+    return torch.arange(r1, device=device).unsqueeze(0) > rows
+
+
+class _CausalGemmAttention(torch.autograd.Function):
+    """Every GEMM skips the blocks above the diagonal: query block i (rows
+    ``r0:r1``) meets keys ``[0, r1)`` only.  Each block's probabilities are kept
+    as their own contiguous (B, H, r1 - r0, r1) bf16 tensor; the key-side
+    gradients (dK, dV) sum one bf16 GEMM per query block in fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, H, T, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q32 = q.float().mul_(scale)
+        k32 = k.float()
+        o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+        probs = []
+        for r0, r1 in _blocks(T):
+            s = torch.matmul(q32[:, :, r0:r1], k32[:, :, :r1].transpose(-2, -1))
+            s[..., r0:].masked_fill_(_diagonal_mask(r0, r1, q.device)[:, r0:], float("-inf"))
+            p = torch.softmax(s, dim=-1).to(q.dtype)
+            o[:, :, r0:r1] = torch.matmul(p, v[:, :, :r1])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, o, *probs)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *probs = ctx.saved_tensors
+        T = q.shape[-2]
+        scale = ctx.scale
+        do = do.contiguous()
+        do32 = do.float()
+        v32 = v.float().mul_(scale)  # folds the score scale into dP and D: dS = P * (s*dP - s*D)
+        dd = (do32 * o.float()).sum(-1, keepdim=True).mul_(scale)
+        dq = torch.empty_like(q)
+        dk = dv = None
+        for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):  # the last block spans every key
+            dvi = torch.matmul(p.transpose(-2, -1), do[:, :, r0:r1])
+            dp = torch.matmul(do32[:, :, r0:r1], v32[:, :, :r1].transpose(-2, -1))
+            ds = dp.sub_(dd[:, :, r0:r1]).mul_(p).to(q.dtype)
+            dq[:, :, r0:r1] = torch.matmul(ds, k[:, :, :r1])
+            dki = torch.matmul(ds.transpose(-2, -1), q[:, :, r0:r1])
+            if dk is None:
+                dk, dv = dki.float(), dvi.float()
+            else:
+                dk[:, :, :r1] += dki
+                dv[:, :, :r1] += dvi
+        return dq, dk.to(q.dtype), dv.to(q.dtype)
