@@ -314,7 +314,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
                                                     "pad_token_id": tok.eod_id})
         write_tokenizer_files(tok, tmp, cfg.seq_len)
     return {"checkpoint": str(path), "out": str(out_dir), "vocab": tok.vocab_size, "padded_vocab": seen["padded"],
-            "dtype": dtype, **files}
+            "dtype": dtype, "activation_function": HF_ACTIVATION[cfg.activation], **files}
 
 
 def save_initial_checkpoint(run_dir: Path, cfg, state: dict[str, torch.Tensor], step: int = 0) -> Path:
@@ -374,4 +374,4 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
         save_initial_checkpoint(tmp, cfg, state)
     n = sum(t.numel() for k, t in state.items() if k != "lm_head.weight") - (rows - mcfg.vocab_size) * mcfg.hidden
     return {"run": str(run_dir), "params": n, "vocab": mcfg.vocab_size, "rows": rows, "n_layers": mcfg.n_layers,
-            "hidden": mcfg.hidden, "seq_len": mcfg.seq_len}
+            "hidden": mcfg.hidden, "seq_len": mcfg.seq_len, "activation": mcfg.activation}

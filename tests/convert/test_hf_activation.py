@@ -70,6 +70,7 @@ def test_erf_round_trip_through_import(erf_export, tmp_path, capsys):
     from mtnlg.infer.load import load_run
     run, hf = erf_export
     assert main(["import", "--hf", str(hf), "--out", str(tmp_path / "run")]) == 0
+    assert "model.activation gelu)" in capsys.readouterr().out  # the choice is printed, never silent
     cfg, ours, tok = load_run(tmp_path / "run")
     assert cfg.model.activation == "gelu"
     assert 'activation = "gelu"' in (tmp_path / "run" / "config.toml").read_text()
@@ -77,6 +78,7 @@ def test_erf_round_trip_through_import(erf_export, tmp_path, capsys):
     with torch.no_grad():
         assert (ours(x) - load_run(run)[1](x)[..., :tok.vocab_size]).abs().max().item() <= TOL
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    assert "activation_function gelu" in capsys.readouterr().out
     assert (tmp_path / "back" / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
     assert json.loads((tmp_path / "back" / "config.json").read_text())["activation_function"] == "gelu"
     # the activation is the checkpoint's, like its shape: an import cannot change it
