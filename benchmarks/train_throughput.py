@@ -46,6 +46,8 @@ CONFIGS = {
     "14m": ["model.n_layers=6", "model.hidden=384", "model.n_heads=6", "model.seq_len=256",
             "model.vocab_size=8192", "train.micro_batch=8", "train.global_batch=8"],
 }
+# the same model with the exact erf GeLU (Megatron's, model.activation=gelu) instead of GPT-2's tanh form
+CONFIGS["14m-erf"] = CONFIGS["14m"] + ["model.activation=gelu"]
 PRECISIONS = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -135,7 +137,7 @@ def compare(baseline: Path, names: list[str], precisions: list[str], steps: int,
             device: torch.device) -> None:
     """Before (``baseline`` checkout) / after (this checkout) rows, alternating runs."""
     this = Path(__file__).resolve().parents[1]
-    head = (f"{'config':<6} {'precision':<14} {'before tok/s':>12} {'after tok/s':>12} {'speedup':>8} "
+    head = (f"{'config':<7} {'precision':<14} {'before tok/s':>12} {'after tok/s':>12} {'speedup':>8} "
             f"{'before MFU/mm':>14} {'after MFU/mm':>13}")
     print(f"before: {baseline}\nafter:  {this}\n{head}\n" + "-" * len(head))
     for name in names:
@@ -148,7 +150,7 @@ def compare(baseline: Path, names: list[str], precisions: list[str], steps: int,
             ratio = {k: statistics.median(r["ratio"] for r in v) for k, v in runs.items()}
             speedup = statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
                                         for b, a in zip(runs["before"], runs["after"]))
-            print(f"{name:<6} {precision:<14} {med['before']:>12.0f} {med['after']:>12.0f} {speedup:>7.3f}x "
+            print(f"{name:<7} {precision:<14} {med['before']:>12.0f} {med['after']:>12.0f} {speedup:>7.3f}x "
                   f"{100 * ratio['before']:>13.1f}% {100 * ratio['after']:>12.1f}%", flush=True)
     print(f"\nmedians over {repeats} alternating runs of {steps} timed steps each; speedup = median of the paired "
           f"after/before tokens/s; MFU/mm = model FLOP/s over the matmul rate at the model's shapes, same run.")
@@ -169,13 +171,13 @@ def main() -> None:
                 args.repeats, device)
         return
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
-    header = f"{'config':<6} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
+    header = f"{'config':<7} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
     print(header)
     print("-" * len(header))
     for name in args.configs.split(","):
         for precision in args.precisions.split(","):
             r = bench(name, precision, args.steps, device)
-            print(f"{r['config']:<6} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
+            print(f"{r['config']:<7} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
                   f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
     print("\nMFU vs matmul = model FLOPs/s (forward+backward, no recompute) / matmul rate at the model's own "
           "GEMM shapes in the same dtype, measured in this run.")

@@ -38,6 +38,9 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout on attention probabilities, residual branches and embeddings")
     init_std: float = _f(0.02, "std of the normal init; output projections use init_std/sqrt(2*n_layers)")
     layernorm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    activation: str = _f("gelu_tanh", "MLP activation: gelu_tanh (GPT-2's tanh approximation of GeLU; Hugging Face "
+                                      "gelu_new / gelu_pytorch_tanh) or gelu (the exact erf GeLU: Megatron-LM's "
+                                      "default, so MT-NLG's; Hugging Face gelu). Changing it changes the model")
 
     @property
     def ffn(self) -> int:
@@ -154,6 +157,8 @@ class Config:
                 raise UserError(f"model.{name} must be positive, got {getattr(m, name)}")
         if m.hidden % m.n_heads:
             raise UserError(f"model.n_heads={m.n_heads} must divide model.hidden={m.hidden}")
+        if m.activation not in ACTIVATIONS:
+            raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
         if not 0.0 <= m.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
         for name in ("tp", "pp"):
@@ -230,6 +235,8 @@ class Config:
 
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
+# model.activation -> F.gelu's ``approximate`` argument
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb", "zbv")
 
 

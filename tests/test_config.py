@@ -20,6 +20,7 @@ def test_530b_preset_is_the_paper_architecture():
     assert m.padded_vocab(8) == 51200 and m.padded_vocab(8) % (8 * 128) == 0
     assert 525e9 < param_count(m, m.padded_vocab(8)) < 535e9
     assert (cfg.parallel.tp, cfg.parallel.pp) == (8, 35)
+    assert m.activation == "gelu"  # Megatron-LM's exact erf GeLU, not GPT-2's tanh form
 
 
 def test_overrides_parse_toml_literals():
@@ -44,6 +45,8 @@ def test_overrides_parse_toml_literals():
     ("logging.log_interval=0", "logging.log_interval must be >= 1"),
     ("train.save_interval=-1", "train.save_interval must be >= 0"),
     ("parallel.timeout_s=0", "parallel.timeout_s must be positive"),
+    ("model.activation=relu", "model.activation must be one of gelu_tanh, gelu, got 'relu'"),
+    ("model.activation=gelu_new", "model.activation must be one of gelu_tanh, gelu, got 'gelu_new'"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -85,3 +88,22 @@ def test_530b_schedule_counts_tokens_as_the_paper_with_batch_rampup():
     assert tokens_at["warmup"] == pytest.approx(1e9, rel=0.01)
     assert tokens_at["end"] == pytest.approx(270e9, rel=0.01)
     assert tokens_at["decay"] == pytest.approx(340e9, rel=0.01)
+
+
+def test_activation_defaults_to_gpt2_tanh_and_old_configs_keep_their_digest(tmp_path):
+    """Configs written before model.activation existed load as gelu_tanh, and a run keeps
+    the checkpoint digest it had (resume compares it): the key is left out of the digest
+    at its default, so only an explicit erf choice makes a different run."""
+    from mtnlg.train.trainer import config_digest
+    for name in ("tiny", "gpt-125m", "gpt-760m", "gpt-1.3b"):
+        assert load_config(f"configs/{name}.toml").model.activation == "gelu_tanh"
+    old = tmp_path / "config.toml"
+    old.write_text("\n".join(line for line in dump_toml(load_config("configs/tiny.toml")).splitlines()
+                             if not line.startswith("activation")))
+    assert "activation" not in old.read_text() and "[model]" in old.read_text()
+    cfg = load_config(old)
+    assert cfg.model.activation == "gelu_tanh"
+    assert config_digest(Config()) == "342a9dcb5da90903"  # computed before the key existed (main at 30ea5f2)
+    assert config_digest(cfg) == config_digest(load_config("configs/tiny.toml", ["model.activation=gelu_tanh"]))
+    assert config_digest(cfg) != config_digest(load_config("configs/tiny.toml", ["model.activation=gelu"]))
+    assert load_config("configs/tiny.toml", ["model.activation=gelu"]).model.activation == "gelu"

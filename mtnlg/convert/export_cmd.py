@@ -20,5 +20,5 @@ def run(args: argparse.Namespace) -> int:
     note = (f"; embedding trimmed from {s['padded_vocab']} padded rows to the tokenizer's {s['vocab']} tokens"
             if trimmed else "")
     print(f"mtnlg export: {s['checkpoint']} -> {s['out']} ({s['dtype']}, {len(s['files'])} safetensors file(s), "
-          f"{s['total_size'] / 1e6:.1f} MB{note}); load with transformers.AutoModelForCausalLM.from_pretrained")
+          f"{s['total_size'] / 1e6:.1f} MB, activation_function {s['activation_function']}{note}); load with transformers.AutoModelForCausalLM.from_pretrained")
     return 0

@@ -5,7 +5,7 @@
     load_hf_gpt2(hf_dir)           HF GPT-2 directory -> (cfg, model, tokenizer) in memory
 
 Our GPT *is* GPT-2's architecture (pre-LayerNorm blocks, learned positions,
-tanh-GELU MLP, tied embeddings, biases everywhere), so the conversion is a
+GELU MLP, tied embeddings, biases everywhere), so the conversion is a
 renaming plus three layout changes, all exact (no arithmetic on values):
 
 * ``Conv1D``: HF stores every projection as [in, out]; ours are ``nn.Linear``
@@ -21,10 +21,12 @@ renaming plus three layout changes, all exact (no arithmetic on values):
   (``make_vocab_divisible_by = 1``), so import -> export is bitwise.
 
 ``lm_head.weight`` is the tied ``tok_emb.weight`` and is not written (HF GPT-2
-ties ``lm_head`` to ``wte``).  The activation is written as
-``gelu_pytorch_tanh``: the very ``F.gelu(approximate="tanh")`` call our MLP
-makes (``gelu_new`` is the same function written out in Python and differs
-only in rounding).
+ties ``lm_head`` to ``wte``).  The activation (``model.activation``) is
+written as the very call our MLP makes: ``gelu_pytorch_tanh`` for gelu_tanh
+(``F.gelu(approximate="tanh")``; ``gelu_new`` and ``gelu_fast`` are the same
+function written out in Python and differ only in rounding) and ``gelu`` for
+gelu (HF's ``ACT2FN["gelu"]`` is ``F.gelu``, the exact erf form;
+``gelu_python`` writes it out with ``torch.erf``).
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ _GLOBAL_BACK = {hf: (ours, how) for ours, (hf, how) in _GLOBAL.items()}
 # HF keys that carry nothing we need: the tied head and old causal-mask buffers
 _HF_IGNORED = ("lm_head.weight", ".attn.bias", ".attn.masked_bias")
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # one function, different roundings
+ERF_GELUS = ("gelu", "gelu_python")                            # likewise, the exact erf GeLU
+# model.activation -> HF activation_function written on export
+HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
 
 def _qkv_to_hf(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -118,7 +123,7 @@ def hf_config(m: ModelConfig, vocab: int, eod_id: int, dtype: str) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab, "n_positions": m.seq_len, "n_embd": m.hidden, "n_layer": m.n_layers,
-        "n_head": m.n_heads, "n_inner": m.ffn, "activation_function": "gelu_pytorch_tanh",
+        "n_head": m.n_heads, "n_inner": m.ffn, "activation_function": HF_ACTIVATION[m.activation],
         "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
         "layer_norm_epsilon": m.layernorm_eps, "initializer_range": m.init_std,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -134,8 +139,10 @@ def model_config_from_hf(c: dict, where: str) -> ModelConfig:
         raise UserError(f"{where} holds a {c.get('model_type')!r} model ({arch}); mtnlg imports only the GPT-2 "
                         f"architecture (model_type 'gpt2', e.g. gpt2, distilgpt2, gpt2-xl)")
     act = c.get("activation_function", "gelu_new")
+    gelus = TANH_GELUS + ERF_GELUS
     refuse = {
-        f"activation_function {act!r} (ours is the tanh GELU: {', '.join(TANH_GELUS)})": act not in TANH_GELUS,
+        f"activation_function {act!r} (ours are the tanh GELU: {', '.join(TANH_GELUS)}; and the erf GELU: "
+        f"{', '.join(ERF_GELUS)})": act not in gelus,
         "scale_attn_weights=false": c.get("scale_attn_weights", True) is False,
         "scale_attn_by_inverse_layer_idx=true": bool(c.get("scale_attn_by_inverse_layer_idx")),
         "add_cross_attention=true": bool(c.get("add_cross_attention")),
@@ -151,7 +158,8 @@ def model_config_from_hf(c: dict, where: str) -> ModelConfig:
         ffn_hidden=int(c.get("n_inner") or 4 * hidden), seq_len=int(c.get("n_positions", 1024)),
         vocab_size=int(c.get("vocab_size", 50257)), make_vocab_divisible_by=1,
         dropout=float(c.get("resid_pdrop", 0.1)), init_std=float(c.get("initializer_range", 0.02)),
-        layernorm_eps=float(c.get("layer_norm_epsilon", 1e-5)))
+        layernorm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+        activation="gelu_tanh" if act in TANH_GELUS else "gelu")
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -306,7 +314,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
                                                     "pad_token_id": tok.eod_id})
         write_tokenizer_files(tok, tmp, cfg.seq_len)
     return {"checkpoint": str(path), "out": str(out_dir), "vocab": tok.vocab_size, "padded_vocab": seen["padded"],
-            "dtype": dtype, **files}
+            "dtype": dtype, "activation_function": HF_ACTIVATION[cfg.activation], **files}
 
 
 def save_initial_checkpoint(run_dir: Path, cfg, state: dict[str, torch.Tensor], step: int = 0) -> Path:
@@ -347,10 +355,11 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
     cfg = load_config(config) if config else Config()
     cfg.model = dataclasses.replace(mcfg)
     apply_overrides(cfg, overrides or [])
-    fixed = ("n_layers", "hidden", "n_heads", "ffn", "seq_len", "vocab_size")
+    fixed = ("n_layers", "hidden", "n_heads", "ffn", "seq_len", "vocab_size", "activation")
     changed = [k for k in fixed if getattr(cfg.model, k) != getattr(mcfg, k)]
     if changed:
-        raise UserError(f"{', '.join(f'model.{k}' for k in changed)} cannot differ from the imported checkpoint's shape")
+        raise UserError(f"{', '.join(f'model.{k}' for k in changed)} cannot differ from the imported checkpoint's "
+                        f"shape and activation")
     cfg.validate()
     state = load_hf_state(hf_dir, mcfg)
     rows = cfg.model.padded_vocab(cfg.parallel.tp)
@@ -365,4 +374,4 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, config: str | None = None
         save_initial_checkpoint(tmp, cfg, state)
     n = sum(t.numel() for k, t in state.items() if k != "lm_head.weight") - (rows - mcfg.vocab_size) * mcfg.hidden
     return {"run": str(run_dir), "params": n, "vocab": mcfg.vocab_size, "rows": rows, "n_layers": mcfg.n_layers,
-            "hidden": mcfg.hidden, "seq_len": mcfg.seq_len}
+            "hidden": mcfg.hidden, "seq_len": mcfg.seq_len, "activation": mcfg.activation}

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     s = import_hf(args.hf, args.out, args.config, args.overrides)
     padded = f" (table padded to {s['rows']} rows)" if s["rows"] > s["vocab"] else ""
     print(f"mtnlg import: {args.hf} -> {s['run']} ({s['params'] / 1e6:.2f}M params, {s['n_layers']} layers, "
-          f"hidden {s['hidden']}, vocab {s['vocab']}{padded}, context {s['seq_len']}); "
+          f"hidden {s['hidden']}, vocab {s['vocab']}{padded}, context {s['seq_len']}, "
+          f"model.activation {s['activation']}); "
           f"continue with `mtnlg train --run {s['run']}` (needs data.blend) or `mtnlg generate --run {s['run']}`")
     return 0

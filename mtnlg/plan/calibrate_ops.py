@@ -9,6 +9,9 @@ shapes of the configs being calibrated:
 
     layernorm    F.layer_norm forward + backward            per element of the input
     gelu         tanh GeLU forward + backward               per element of the input
+                 (model.activation = gelu_tanh; the kind's name predates the option)
+    gelu_erf     exact erf GeLU forward + backward          per element of the input
+                 (model.activation = gelu)
     add          an out-of-place add (residual stream)      per element
     copy         a layout copy (transpose -> contiguous)    per element
     bias_grad    a column sum (a Linear's bias gradient)    per element summed
@@ -77,6 +80,7 @@ def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 
         gu = torch.randn(B, s, f, dtype=dt)
         got.setdefault("gelu", []).append(_per_elem(lambda: F.gelu(u, approximate="tanh").backward(gu), T * f,
                                                     budget_s))
+        got.setdefault("gelu_erf", []).append(_per_elem(lambda: F.gelu(u).backward(gu), T * f, budget_s))
         y = torch.randn(B, s, h, dtype=dt)
         got.setdefault("add", []).append(_per_elem(lambda: torch.add(g, y), T * h, budget_s))
         qkv = torch.randn(B, s, H, 3 * cfg.head_dim, dtype=dt)

@@ -35,6 +35,9 @@ from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
 
 CATEGORIES = ("gemm", "attention", "elementwise", "loss", "optimizer", "communication", "framework")
+# model.activation -> the measured kind that prices the MLP's GeLU ("gelu" is the tanh form: profiles
+# written before the erf form was calibrated hold only it, and price the erf GeLU by bandwidth)
+GELU_KINDS = {"gelu_tanh": "gelu", "gelu": "gelu_erf"}
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
         ("attn_out_layout", "copy", 5 * T * h // tp, 2 * Tha / tp, 1),  # transpose back fwd, bwd; SDPA's zeroed grads
         ("bias_add", "copy", lin_out, 0.0, 0),                          # addmm copies the bias into its output
         ("bias_grad", "bias_grad", lin_out, lin_out * ab / 3, 1),       # column sums in the Linears' backward
-        ("gelu", "gelu", T * f // tp, 2 * T * f // tp * ab, 1)]
+        ("gelu", GELU_KINDS[cfg.activation], T * f // tp, 2 * T * f // tp * ab, 1)]
     if drop:
         ew += [("dropout", "add", 2 * 3 * T * h, 2 * 3 * Tha, 2)]
     for name, kind, elems, nbytes, count in ew:

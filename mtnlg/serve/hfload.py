@@ -1,7 +1,7 @@
 """Load a Hugging Face GPT-2 directory (``config.json``, weights, tokenizer)
 for serving (``mtnlg serve --hf DIR``) through the converter's one mapping
 table (``mtnlg.convert.hf.load_hf_gpt2``: Conv1D transposes, QKV order,
-tied head, exact GeLU and LayerNorm epsilon)."""
+tied head, the GeLU form (tanh or erf) and LayerNorm epsilon)."""
 from __future__ import annotations
 
 from pathlib import Path

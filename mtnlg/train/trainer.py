@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from mtnlg.config import Config, to_dict
+from mtnlg.config import Config, ModelConfig, to_dict
 from mtnlg.errors import UserError
 from mtnlg.model.flops import flops_per_token
 from mtnlg.perf.alloc import keep_freed_memory
@@ -45,6 +45,8 @@ def config_digest(cfg: Config) -> str:
                                "threads", "compile", "async_save")}
     if d.get("finetune") == to_dict(Config())["finetune"]:
         d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
+    if d["model"]["activation"] == ModelConfig().activation:
+        d["model"].pop("activation")  # runs keep the digest they had before model.activation existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,28 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hfhelpers import sotu_texts
+from hfhelpers import hf_gpt2, sotu_texts
 
 transformers = pytest.importorskip("transformers")
 
 from mtnlg.cli import main  # noqa: E402
-
-
-def hf_gpt2(out, tokenizer_dir, **over):
-    """A GPT2LMHeadModel with a non-default shape (n_inner != 4h, 3 heads, 96
-    positions) and noise on every parameter, saved by save_pretrained."""
-    kw = dict(vocab_size=512, n_positions=96, n_embd=48, n_layer=2, n_head=3, n_inner=200,
-              bos_token_id=0, eos_token_id=0)
-    kw.update(over)
-    torch.manual_seed(5)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        shutil.copyfile(tokenizer_dir / name, out / name)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +125,7 @@ def test_imported_run_continues_pretraining_from_the_hf_weights(hf_dir, sotu_sma
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "holds a 'llama' model (LlamaForCausalLM)"),
-    ({"activation_function": "gelu"}, "activation_function 'gelu'"),
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
 ])
 def test_other_architectures_are_refused(hf_dir, tmp_path, capsys, change, message):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.config import ModelConfig
+from mtnlg.errors import UserError
 from mtnlg.infer.generate import beam_search, filter_logits, generate
 from mtnlg.model.flops import flops_per_iteration, flops_per_token, param_count
 from mtnlg.model.gpt import KVCache, build_model
@@ -142,3 +143,32 @@ def test_loss_at_init_is_near_uniform():
     x = torch.randint(0, 200, (4, 32))
     loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
     assert abs(loss.item() - math.log(256)) < 0.3
+
+
+def test_activation_is_the_configured_gelu_form():
+    """model.activation picks the MLP's GeLU: GPT-2's tanh form or the exact erf form,
+    each against its formula written out here (independent of F.gelu's flag).  The two
+    differ by up to ~5e-4 per element (e.g. 1.0: 0.841345 vs 0.841192), far above the
+    1e-6 fp32 agreement, so a model that ignored the option fails."""
+    import dataclasses
+    x = torch.linspace(-6, 6, 2048).view(8, 256)
+    erf = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    tanh = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert (erf - tanh).abs().max() > 1e-4
+    for act, want in (("gelu_tanh", tanh), ("gelu", erf)):
+        mlp = build_model(dataclasses.replace(CFG, activation=act), "cpu", seed=0).blocks["0"].mlp
+        mlp.fc, mlp.proj = torch.nn.Identity(), torch.nn.Identity()  # the activation alone, on the grid
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), want, atol=1e-6, rtol=0)
+    assert CFG.activation == "gelu_tanh"  # the default: GPT-2's (and every model before the option)
+    a = build_model(CFG, "cpu", seed=0).eval()
+    b = build_model(dataclasses.replace(CFG, activation="gelu"), "cpu", seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 200, (2, 16), generator=gen)
+    with torch.no_grad():
+        for p in a.parameters():  # off the init's zero biases: pre-activations of order 1
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        b.load_state_dict(a.state_dict())
+        assert (a(tokens) - b(tokens)).abs().max() > 5e-4  # same weights, another function: 1.7e-3 observed
+    with pytest.raises(UserError, match="model.activation must be one of gelu_tanh, gelu, got 'relu'"):
+        build_model(dataclasses.replace(CFG, activation="relu"), "meta")

@@ -181,6 +181,38 @@ def test_kinds_price_ops_when_measured_and_fall_back_to_bandwidth():
     assert op_seconds(op, HAND) == pytest.approx(0.4e-3 + 6e-6, rel=1e-12)
 
 
+def test_gelu_is_priced_by_the_configured_activation():
+    """tanh and erf GeLU have their own measured rates (calibrate_ops: gelu, gelu_erf): the same
+    model with model.activation = gelu costs the erf rate on its T·f GeLU elements.  SMALL, micro-
+    batch 3, 2 micro-batches: T·f·L·n = 12·32·2·2 = 1536 elements, at 4 ns (tanh) = 6.144 us and
+    at 1 ns (erf) = 1.536 us; everything else is priced alike."""
+    import dataclasses
+    erf_cfg = dataclasses.replace(SMALL, activation="gelu")
+    assert SMALL.activation == "gelu_tanh"
+    tanh_ops, erf_ops = _by_name(step_ops(SMALL, 3, 2)), _by_name(step_ops(erf_cfg, 3, 2))
+    assert (tanh_ops["gelu"].kind, erf_ops["gelu"].kind) == ("gelu", "gelu_erf")
+    assert tanh_ops["gelu"].elems == erf_ops["gelu"].elems == 1536
+    kinds = {k: 1.0 for k in ("layernorm", "add", "copy", "bias_grad", "loss")}
+    r = Rates(**{**HAND.__dict__, "kind_ns": {**kinds, "gelu": 4.0, "gelu_erf": 1.0}})
+    prof = DeviceProfile("hand", "test", {1: r}, cores=1)
+    tanh = predict_step(SMALL, prof, micro_batch=3, global_batch=6)["breakdown_s"]
+    erf = predict_step(erf_cfg, prof, micro_batch=3, global_batch=6)["breakdown_s"]
+    assert tanh["elementwise"] - erf["elementwise"] == pytest.approx(1536 * 3e-9, rel=1e-9)
+    assert {k: v for k, v in tanh.items() if k != "elementwise"} == {k: v for k, v in erf.items() if k != "elementwise"}
+    from mtnlg.plan.cost import op_seconds
+    assert op_seconds(tanh_ops["gelu"], r) == pytest.approx(6.144e-6, rel=1e-12)
+    assert op_seconds(erf_ops["gelu"], r) == pytest.approx(1.536e-6, rel=1e-12)
+    # a profile saved before gelu_erf was calibrated: the erf GeLU falls back to the bandwidth
+    # model like any kind the profile lacks: 2·T·f bf16 bytes x 3 (fwd + bwd) x L·n = 18432 B at
+    # 10 GB/s, and 3 kernels x L·n = 12 launches x 2 us
+    old = Rates(**{**HAND.__dict__, "kind_ns": {**kinds, "gelu": 4.0}})
+    assert op_seconds(erf_ops["gelu"], old) == pytest.approx(18432 / 10e9 + 12 * 2e-6, rel=1e-12)
+    assert op_seconds(tanh_ops["gelu"], old) == pytest.approx(6.144e-6, rel=1e-12)
+    # recomputation repeats the forward of the configured form
+    rec = _by_name(step_ops(erf_cfg, 3, 2, recompute="full"))
+    assert rec["gelu.recompute"].kind == "gelu_erf" and rec["gelu.recompute"].elems == 1536 / 3
+
+
 def test_state_ops_by_hand():
     from mtnlg.plan.cost import local_param_tensors, state_ops
     from mtnlg.model.flops import param_count
@@ -232,9 +264,9 @@ def test_tensor_and_parameter_costs_are_separated():
 def test_calibrated_kinds_are_positive_and_round_trip():
     from mtnlg.plan.calibrate_ops import elementwise_ns
     got = elementwise_ns([SMALL], 2, budget_s=0.002)
-    assert set(got) >= {"layernorm", "gelu", "add", "copy", "bias_grad", "cast", "loss", "grad_to_fp32",
+    assert set(got) >= {"layernorm", "gelu", "gelu_erf", "add", "copy", "bias_grad", "cast", "loss", "grad_to_fp32",
                         "grad_accumulate", "optim_tensor", "optim_param"}
-    assert all(v >= 0 for v in got.values()) and got["gelu"] > 0 and got["loss"] > 0
+    assert all(v >= 0 for v in got.values()) and got["gelu"] > 0 and got["gelu_erf"] > 0 and got["loss"] > 0
     r = Rates(**{**HAND.__dict__, "kind_ns": got})
     prof = DeviceProfile("x", "test", {1: r}, cores=1)
     assert DeviceProfile.from_json(prof.to_json()) == prof
