@@ -4,7 +4,8 @@ Every profiler event is attributed by its *self* time (time inside the op,
 excluding ops it called), so the classes add up without double counting:
 
     gemm           mm / addmm / bmm / linear's matmuls (forward and backward)
-    attention      scaled-dot-product attention kernels (forward and backward)
+    attention      scaled-dot-product attention kernels (forward and backward); on CPU in
+                   bf16 everything inside mtnlg.model.attention's kernel
     norm/elementwise  LayerNorm, GeLU, adds, copies, casts, dropout, embedding
     softmax/loss   log-softmax, NLL / cross-entropy and their backward
     optimizer      AdamW, gradient clipping, master-weight copies, zero_grad
@@ -33,7 +34,8 @@ _RULES = [
                        "reduce_scatter", "reducescatter", "broadcast", "send", "recv", "barrier")),
     ("data", ("mtnlg::data",)),
     ("optimizer", ("optimizer", "adam", "_foreach", "clip_grad", "mtnlg::optimizer", "zero_grad")),
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa", "cudnn_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "_sdpa", "cudnn_attention",
+                   "_causalgemmattention")),
     ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "gemm", "cutlass", "sm90_", "sm80_", "ampere_", "mkldnn_matmul", "aten::_addmm")),
     ("softmax/loss", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
@@ -58,7 +60,10 @@ def classify(name: str) -> str:
     return "other"
 
 
-LABELS = {"mtnlg::data": "data", "mtnlg::optimizer": "optimizer"}
+# regions whose kernels count for one class: the trainer's labels (``labelled``) and the CPU
+# attention kernel's autograd function (its GEMMs and softmax are the attention core)
+LABELS = {"mtnlg::data": "data", "mtnlg::optimizer": "optimizer",
+          "_CausalGemmAttention": "attention", "_CausalGemmAttentionBackward": "attention"}
 _MISSING = object()
 
 
