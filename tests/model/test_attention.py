@@ -43,7 +43,7 @@ def inputs(B, H, T, D, seed=0):
     return q, k, v, torch.randn(B, H, T, D, generator=g).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 200, 32, 128),   # a full block and a ragged one
+@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 200, 32, 64),    # three full blocks and a ragged one
                                            (2, 2, 96, 64, 128),    # one block
                                            (1, 2, 130, 16, 32)])   # five blocks, the last one 2 rows
 def test_gemm_attention_is_as_accurate_as_sdpa(monkeypatch, B, H, T, D, block):
@@ -84,9 +84,10 @@ def test_dispatch_runs_the_kernel_only_where_it_is_meant_to():
 
 
 def test_probability_bytes_counts_the_blocks_kept():
-    # 14M benchmark shapes: blocks of 128 over 256 positions keep 128*128 + 128*256 scores per head
-    assert A.probability_bytes(8, 6, 256) == 8 * 6 * (128 * 128 + 128 * 256) * 2
-    assert A.probability_bytes(8, 6, 100) == 8 * 6 * 100 * 100 * 2
+    # 14M benchmark shapes: blocks of 64 queries over 256 positions keep 64 * (64 + 128 + 192 + 256) per head
+    assert A.BLOCK == 64
+    assert A.probability_bytes(8, 6, 256) == 8 * 6 * 64 * (64 + 128 + 192 + 256) * 2
+    assert A.probability_bytes(8, 6, 50) == 8 * 6 * 50 * 50 * 2
     assert A.probability_bytes(1, 1, A.MAX_SEQ + 1) == 0
 
 

@@ -112,10 +112,10 @@ def test_memory_model_parts():
     assert m["parts"]["logits_and_loss"] == T * V * (2 + 6)
     prof = DeviceProfile("x", "test", {1: Rates(**{**HAND.__dict__, "kind_ns": {"loss_bytes": 3.5}})}, cores=1)
     assert predict_memory(TINY, prof, micro_batch=8)["parts"]["logits_and_loss"] == T * V * (2 + 3.5)
-    # bf16 on CPU: the attention kernel's probabilities per layer, by query blocks of 128 (s <= 128: one
+    # bf16 on CPU: the attention kernel's probabilities per layer, by query blocks of 64 (s <= 64: one
     # s x s block); none in fp32 (SDPA); heads split by tensor parallelism
     s, a = TINY.seq_len, TINY.n_heads
-    kept = sum((min(s, r0 + 128) - r0) * min(s, r0 + 128) for r0 in range(0, s, 128))
+    kept = sum((min(s, r0 + 64) - r0) * min(s, r0 + 64) for r0 in range(0, s, 64))
     assert m["parts"]["attention_probs"] == TINY.n_layers * 8 * a * kept * 2
     assert "attention_probs" not in predict_memory(TINY, None, micro_batch=8, precision="fp32")["parts"]
     assert predict_memory(TINY, None, micro_batch=8, tp=2)["parts"]["attention_probs"] == TINY.n_layers * 8 * a // 2 * kept * 2
