@@ -6,19 +6,22 @@ PyTorch's CPU flash-attention kernel is exact but slow in bf16 here: at the
 (``benchmarks/profile_step.py``).  This kernel computes the same function
 with the precision choices of FlashAttention on GPUs:
 
-* scores ``q k^T`` are computed in fp32 from the exact bf16 inputs, so the
-  softmax sees no bf16 rounding: CPU torch offers no bf16 GEMM with an fp32
-  output, so this one runs as an fp32 GEMM over the causal lower triangle
-  only, by blocks of ``BLOCK`` queries;
-* the probabilities P are rounded once to bf16 and multiplied in bf16 GEMMs
-  (``P v``, ``P^T dO``), as FlashAttention does with its tiles;
-* the score gradient ``dS = P * (dP - rowsum(P * dP))`` is softmax's own
-  backward kernel (fp32 inside) on the bf16 ``dP = dO v^T``, rounded once
-  to bf16 for ``dS k`` and ``dS^T q``.  FlashAttention keeps dP in fp32 and
-  takes the row sum from ``dO * O``; with the row sum taken from the same
-  rounded dP, the error of dS measured the same as with an fp32 dP, and
-  dropping that fp32 GEMM and its casts saved 1.7 ms per layer (of 13.4) at
-  the 14M shapes.
+* scores ``q k^T`` and the probability gradient ``dO v^T`` are computed in
+  fp32 (from the exact bf16 inputs), so the softmax and its backward see no
+  bf16 rounding: CPU torch offers no bf16 GEMM with an fp32 output, so these
+  two run as fp32 GEMMs over the causal lower triangle only, by blocks of
+  ``BLOCK`` queries;
+* the probabilities P and the score gradient dS are rounded once to bf16 and
+  multiplied in bf16 GEMMs (``P v``, ``P^T dO``, ``dS k``, ``dS^T q``), as
+  FlashAttention does with its tiles;
+* ``D = rowsum(dO * O)`` comes from the bf16 output, as in FlashAttention-2.
+
+A bf16 dP (with ``D = rowsum(P * dP)``, softmax's own backward) was tried: the
+same error per call against fp64 and 1.7 ms per layer faster, but two bf16
+trainings whose weights differ in a few last bits drifted apart within two
+steps (12,362 of 135k bf16 weights different at step 4, against 2 with this
+kernel or SDPA: ``tests/train/test_loss.py::test_trainer_steps_fused_adamw_like_foreach``),
+so dP stays fp32.
 
 Its error against an fp64 reference is that of SDPA's CPU kernel (checked in
 ``tests/model/test_attention.py``).  Unlike FlashAttention it keeps P for
@@ -97,27 +100,25 @@ class _CausalGemmAttention(torch.autograd.Function):
             p = torch.softmax(s, dim=-1).to(q.dtype)
             torch.bmm(p, v[:, :r1], out=o[:, r0:r1])
             probs.append(p)
-        ctx.save_for_backward(q, k, v, *probs)
+        ctx.save_for_backward(q, k, v, o, *probs)
         ctx.scale, ctx.shape = scale, (B, H, T, D)
         return o.view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, *probs = ctx.saved_tensors
+        q, k, v, o, *probs = ctx.saved_tensors
         B, H, T, D = ctx.shape
         scale = ctx.scale
-        exact = math.log2(scale).is_integer()  # D a power of 4: multiplying by the scale rounds nothing
         do = do.contiguous().view(B * H, T, D)
+        do32 = do.float()
+        v32 = v.float().mul_(scale)  # folds the score scale into dP and D: dS = P * (s*dP - s*D)
+        dd = (do32 * o.float()).sum(-1, keepdim=True).mul_(scale)
         dq = torch.empty_like(q)
         dk = dv = None
         for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):  # the last block spans every key
             dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
-            dp = torch.bmm(do[:, r0:r1], v[:, :r1].transpose(1, 2))
-            # dS = P * (dP - rowsum(P * dP)): softmax's own backward, in fp32 inside the kernel
-            if exact:
-                ds = torch._softmax_backward_data(dp, p, -1, p.dtype).mul_(scale)
-            else:
-                ds = torch._softmax_backward_data(dp.float(), p.float(), -1, torch.float32).mul_(scale).to(p.dtype)
+            dp = torch.bmm(do32[:, r0:r1], v32[:, :r1].transpose(1, 2))
+            ds = dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
             torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
             dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
             if dk is None:

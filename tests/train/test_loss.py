@@ -26,7 +26,8 @@ def _logits(n=300, v=512, seed=0):
 @pytest.mark.parametrize("chunk_elems", [64 * 512, 1 << 20])  # 64-row slices (300 = 4*64 + 44) and one slice
 @pytest.mark.parametrize("ignore", [False, True])
 @pytest.mark.parametrize("denom", [None, 123.0])
-def test_sliced_cross_entropy_matches_float32_autograd(chunk_elems, ignore, denom):
+@pytest.mark.parametrize("upstream", [1.0, 3.0])  # 1: the gradient written in forward; 3: recomputed in backward
+def test_sliced_cross_entropy_matches_float32_autograd(chunk_elems, ignore, denom, upstream):
     logits, targets = _logits()
     if ignore:
         targets[::5] = IGNORE_INDEX
@@ -39,16 +40,31 @@ def test_sliced_cross_entropy_matches_float32_autograd(chunk_elems, ignore, deno
     ref.backward()
     ours_in = logits.clone().requires_grad_()
     ours = cross_entropy_fp32(ours_in, targets, chunk_elems=chunk_elems, denom=denom)
-    (3.0 * ours).backward()  # a non-unit upstream gradient must scale the result
+    (upstream * ours).backward()  # a non-unit upstream gradient must scale the result
     assert ours.dtype == torch.float32 and ours_in.grad.dtype == torch.bfloat16
     # the loss is float32 throughout: observed relative difference <= 1.9e-7 (losses 10..25)
     assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
     # the gradient is the float32 one rounded once to bf16 (relative error <= 2^-8): observed 0.996 * 2^-8
-    expected = 3.0 * ref_in.grad
+    expected = upstream * ref_in.grad
     err = (ours_in.grad.float() - expected).abs()
     assert (err <= expected.abs() * 2.0 ** -8 * 1.001 + 1e-12).all(), float((err / expected.abs().clamp(min=1e-30)).max())
     if ignore:  # rows that carry no loss get exactly zero gradient
         assert (ours_in.grad[targets == IGNORE_INDEX] == 0).all()
+
+
+def test_a_target_whose_probability_underflows_keeps_an_exact_loss():
+    """The forward that writes the gradient takes the loss from the target's probability;
+    one below fp32's normal range (logit gap 100: p = e^-100 ~ 4e-44) takes log-softmax instead."""
+    logits, targets = _logits(n=64, v=256)
+    logits[0] = 0.0
+    logits[0, (targets[0] + 1) % 256] = 100.0
+    ref = F.cross_entropy(logits.double(), targets).item()
+    x = logits.clone().requires_grad_()
+    ours = cross_entropy_fp32(x, targets)
+    ours.backward()
+    assert abs(ours.item() - ref) <= 2e-6 * ref and torch.isfinite(x.grad.float()).all()
+    with torch.no_grad():  # no gradient wanted: the plain path, the same loss
+        assert abs(cross_entropy_fp32(logits, targets).item() - ref) <= 2e-6 * ref
 
 
 def test_sliced_cross_entropy_of_confident_rows_keeps_small_gradients():
