@@ -3,11 +3,11 @@
 For each model config and precision it times full training steps (forward,
 backward, clipping, AdamW) through the real Trainer and reports tokens/s,
 achieved model TFLOP/s and the ratio to the matmul rate of the model's own
-GEMM shapes (forward and backward shapes, weighted by their FLOPs) in the
-same dtype, timed here and now.  Ratios, not absolute seconds: the machine is
+GEMM shapes (forward and backward, each as often as a step runs it, at its
+best of three timings) in the same dtype, timed here and now.  Ratios, not absolute seconds: the machine is
 shared and noisy.
 
-    python benchmarks/train_throughput.py [--steps 6] [--configs tiny,14m] [--device cpu]
+    python benchmarks/train_throughput.py [--steps 6] [--configs tiny,14m] [--repeats 3] [--device cpu]
 
 A/B against another checkout of the code (a before/after table of a change):
 
@@ -62,32 +62,39 @@ class RandomTokens:
         return self.data[k]
 
 
-def gemm_shapes(cfg, tokens: int, vocab: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of every weight GEMM in forward and backward (dgrad, wgrad)."""
+def gemm_shapes(cfg, tokens: int, vocab: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every weight GEMM of a micro-batch in forward and backward (dgrad,
+    wgrad): each layer's four, once per layer, and the output layer's, once."""
     h, f = cfg.hidden, cfg.ffn
-    fwd = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, f), (tokens, f, h), (tokens, h, vocab)]
+    fwd = [(tokens, h, 3 * h, cfg.n_layers), (tokens, h, h, cfg.n_layers), (tokens, h, f, cfg.n_layers),
+           (tokens, f, h, cfg.n_layers), (tokens, h, vocab, 1)]
     out = []
-    for m, k, n in fwd:
-        out += [(m, k, n), (m, n, k), (k, m, n)]
+    for m, k, n, c in fwd:
+        out += [(m, k, n, c), (m, n, k, c), (k, m, n, c)]
     return out
 
 
-def matmul_rate(shapes, dtype, device, seconds=0.4) -> float:
-    """TFLOP/s over the shapes, each timed for seconds/len(shapes), FLOP-weighted."""
+def matmul_rate(shapes, dtype, device, seconds=0.4, passes=3) -> float:
+    """TFLOP/s of the step's GEMM mix: the FLOPs of every (m, k, n, count) over the time they
+    take at each shape's best rate; each shape timed in ``passes`` rounds of seconds/len(shapes)
+    and its fastest round kept (the machine's undisturbed rate: a conservative denominator on a
+    shared machine)."""
     total_flops, total_time = 0.0, 0.0
-    for m, k, n in shapes:
+    for m, k, n, count in shapes:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / len(shapes):
-            a @ b
-            reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        total_flops += 2.0 * m * k * n * reps
-        total_time += elapsed
+        best = float("inf")
+        for _ in range(passes):
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / len(shapes):
+                a @ b
+                reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        total_flops += 2.0 * m * k * n * count
+        total_time += best * count
     return total_flops / total_time / 1e12
 
 
@@ -163,7 +170,9 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="comma list of: " + ", ".join(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--baseline", type=Path, help="another checkout: print before (it) / after (this) rows")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs per tree with --baseline")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per row, each in a fresh process (median reported); with --baseline, alternating "
+                        "runs per tree; 1 without --baseline runs every row in this process")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.baseline:
@@ -176,9 +185,17 @@ def main() -> None:
     print("-" * len(header))
     for name in args.configs.split(","):
         for precision in args.precisions.split(","):
-            r = bench(name, precision, args.steps, device)
+            if args.repeats > 1:  # fresh processes: one run's heap or threads don't shape the next
+                runs = [bench_tree(Path(__file__).resolve().parents[1], name, precision, args.steps, device)
+                        for _ in range(args.repeats)]
+                r = {**runs[0], **{k: statistics.median(x[k] for x in runs)
+                                   for k in ("tokens_per_s", "tflops", "matmul_tflops", "ratio")}}
+            else:
+                r = bench(name, precision, args.steps, device)
             print(f"{r['config']:<7} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
                   f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
+    if args.repeats > 1:
+        print(f"\nmedians of {args.repeats} runs, each in a fresh process, of {args.steps} timed steps each.")
     print("\nMFU vs matmul = model FLOPs/s (forward+backward, no recompute) / matmul rate at the model's own "
           "GEMM shapes in the same dtype, measured in this run.")
 
