@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0  # keep equal to constraints.txt
 RUN     ?= runs/tiny
 DATA    := runs/data/sotu
 
-.PHONY: setup demo data train sample eval test test-slow bench scale-drill clean
+.PHONY: setup demo data train sample eval test test-slow bench gpu-check scale-drill clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+# on a CUDA machine: pytest -m gpu, gpt-1.3b MFU at seq 2048 bf16, the planner's prediction, a step breakdown
+gpu-check: setup
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # 760M GPT as 8 gloo processes (dp2 x pp2 x tp2, ZeRO-3), sharded checkpoint, resume as dp4 x tp2;
 # the 24-layer default needs ~22 GB free RAM (it refuses to start with less); DRILL_ARGS="--layers 12" ~13 GB

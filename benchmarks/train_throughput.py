@@ -48,6 +48,18 @@ CONFIGS = {
 }
 # the same model with the exact erf GeLU (Megatron's, model.activation=gelu) instead of GPT-2's tanh form
 CONFIGS["14m-erf"] = CONFIGS["14m"] + ["model.activation=gelu"]
+# GPT-3 XL's shape (configs/gpt-1.3b.toml) at sequence 2048, for one GPU: 4 micro-batches of 4
+CONFIGS["gpt-1.3b"] = ["model.n_layers=24", "model.hidden=2048", "model.n_heads=16", "model.seq_len=2048",
+                       "model.vocab_size=50257", "train.micro_batch=4", "train.global_batch=16"]
+# dense 16-bit datasheet peaks (TFLOP/s) for MFU on CUDA, by a substring of the device name
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 PRECISIONS = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -122,8 +134,11 @@ def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
     rate = matmul_rate(gemm_shapes(cfg.model, cfg.train.micro_batch * cfg.model.seq_len, vocab),
                        PRECISIONS[precision], device)
     params = sum(p.numel() for p in model.parameters())
-    return {"config": name, "params_m": params / 1e6, "precision": precision, "tokens_per_s": tokens / elapsed,
-            "tflops": tflops, "matmul_tflops": rate, "ratio": tflops / rate}
+    out = {"config": name, "params_m": params / 1e6, "precision": precision, "tokens_per_s": tokens / elapsed,
+           "tflops": tflops, "matmul_tflops": rate, "ratio": tflops / rate}
+    if device.type == "cuda":
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
 
 
 def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.device) -> dict:
@@ -179,8 +194,10 @@ def main() -> None:
         compare(args.baseline.resolve(), args.configs.split(","), args.precisions.split(","), args.steps,
                 args.repeats, device)
         return
-    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
-    header = f"{'config':<7} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
+    peak = device_peak_tflops(device)
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)}, peak {peak} TFLOP/s)" if device.type == "cuda" else "")
+          + f" | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    header = f"{'config':<8} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
     print(header)
     print("-" * len(header))
     for name in args.configs.split(","):
@@ -192,8 +209,11 @@ def main() -> None:
                                    for k in ("tokens_per_s", "tflops", "matmul_tflops", "ratio")}}
             else:
                 r = bench(name, precision, args.steps, device)
-            print(f"{r['config']:<7} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
+            print(f"{r['config']:<8} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
                   f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
+            if peak:
+                print(f"{'':<10} MFU vs datasheet peak {100 * r['tflops'] / peak:.1f}%, "
+                      f"max memory allocated {r.get('max_memory_gb', 0):.1f} GB", flush=True)
     if args.repeats > 1:
         print(f"\nmedians of {args.repeats} runs, each in a fresh process, of {args.steps} timed steps each.")
     print("\nMFU vs matmul = model FLOPs/s (forward+backward, no recompute) / matmul rate at the model's own "
