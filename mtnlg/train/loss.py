@@ -12,8 +12,7 @@ in isolation; ``tests/train/test_loss.py`` checks it against float32 autograd).
 In bf16 on CPU the forward pass writes that gradient itself while each slice
 is in cache (one cast and one softmax per slice instead of two each: loss
 49 -> 34 ms per 14M step, ``benchmarks/profile_step.py``'s op table) and
-keeps it beside the logits, which the backward needs only for an upstream
-gradient other than 1.
+keeps it instead of the logits.
 """
 from __future__ import annotations
 
@@ -32,11 +31,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     in float32, for low-precision 2-D ``logits``; rows whose target is
     ``IGNORE_INDEX`` count zero and get a zero gradient.
 
-    With ``eager_grad`` (bf16 on CPU, gradient wanted) the forward pass also
-    writes the gradient for an upstream gradient of 1 while each slice is in
-    cache: one cast and one softmax per slice instead of two each.  The
-    backward returns it when the upstream gradient is 1 (the trainer's
-    ``loss.backward()``), else recomputes it from the logits as without."""
+    With ``eager_grad`` (bf16 on CPU, gradient wanted) the forward pass writes
+    the gradient for an upstream gradient of 1 while each slice is in cache
+    (one cast and one softmax per slice instead of two each) and keeps it
+    instead of the logits.  The backward returns it for an upstream gradient
+    of 1 (the trainer's ``loss.backward()``: the fp32 gradient rounded once),
+    else multiplies it by the upstream gradient (a second rounding)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int, denom: float | torch.Tensor,
@@ -56,15 +56,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 total -= torch.where(valid, pt.log(), 0.0).sum()
             p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
             torch.mul(p, (valid / denom)[:, None], out=grad[i * rows:i * rows + len(c)])
-        ctx.save_for_backward(logits, targets, *([grad] if eager_grad else []))
+        ctx.eager = eager_grad
+        ctx.save_for_backward(*((grad,) if eager_grad else (logits, targets)))
         ctx.rows, ctx.denom = rows, denom
         return total / denom
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, targets, *eager = ctx.saved_tensors
-        if eager and grad.item() == 1.0:
-            return eager[0], None, None, None, None
+        if ctx.eager:
+            (eager,) = ctx.saved_tensors
+            return (eager if grad.item() == 1.0 else eager * grad), None, None, None, None
+        logits, targets = ctx.saved_tensors
         out = torch.empty_like(logits)
         scale = grad.float() / ctx.denom
         for c, t, o in zip(logits.split(ctx.rows), targets.split(ctx.rows), out.split(ctx.rows)):

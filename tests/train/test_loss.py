@@ -44,10 +44,13 @@ def test_sliced_cross_entropy_matches_float32_autograd(chunk_elems, ignore, deno
     assert ours.dtype == torch.float32 and ours_in.grad.dtype == torch.bfloat16
     # the loss is float32 throughout: observed relative difference <= 1.9e-7 (losses 10..25)
     assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
-    # the gradient is the float32 one rounded once to bf16 (relative error <= 2^-8): observed 0.996 * 2^-8
+    # the gradient is the float32 one rounded once to bf16 (relative error <= 2^-8): observed 0.996 * 2^-8;
+    # another upstream gradient scales that bf16 gradient: a second rounding
     expected = upstream * ref_in.grad
     err = (ours_in.grad.float() - expected).abs()
-    assert (err <= expected.abs() * 2.0 ** -8 * 1.001 + 1e-12).all(), float((err / expected.abs().clamp(min=1e-30)).max())
+    roundings = 1 if upstream == 1.0 else 2
+    assert (err <= expected.abs() * roundings * 2.0 ** -8 * 1.001 + 1e-12).all(), \
+        float((err / expected.abs().clamp(min=1e-30)).max())
     if ignore:  # rows that carry no loss get exactly zero gradient
         assert (ours_in.grad[targets == IGNORE_INDEX] == 0).all()
 
