@@ -1,0 +1,90 @@
+"""Peak resident memory per rank of a few training steps through the real
+``parallel.setup.build`` and ``Trainer``, without the CLI (synthetic token rows,
+no dataset, tokenizer, metrics files or checkpoints): separates what the steps
+hold from what ``mtnlg train`` adds around them (compare with
+``benchmarks/plan_vs_measured.py``, which runs the CLI).
+
+    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--set model.n_layers=4 ...]
+
+It launches itself under ``torch.distributed.run`` for tp*dp > 1 (one thread per
+rank, as torchrun sets) and prints each rank's VmHWM next to
+``mtnlg.plan.cost.predict_memory`` without a device profile (so without the
+measured loss footprint and runtime baseline: pass ``--baseline`` to run the
+same steps on a 1-layer width-64 model, the runtime's share).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256", "model.vocab_size=8192",
+        "train.micro_batch=8", "train.global_batch=16", "train.precision=bf16"]
+NEGLIGIBLE = ["model.n_layers=1", "model.hidden=64", "model.n_heads=2", "model.seq_len=32", "model.vocab_size=256",
+              "train.micro_batch=2", "train.global_batch=4", "train.precision=bf16"]
+
+
+def rank_main(args) -> None:
+    import numpy as np
+    import torch
+
+    import mtnlg.data.samples, mtnlg.parallel.setup, mtnlg.train.dcp, mtnlg.train.run  # noqa: F401,E401 (`mtnlg train`'s imports)
+    from mtnlg.config import load_config
+    from mtnlg.parallel.mesh import init_distributed
+    from mtnlg.parallel.setup import build, check_layout
+    from mtnlg.train.trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sets = (NEGLIGIBLE if args.baseline else TINY) + args.set + [f"parallel.tp={args.tp}"]
+    probe = load_config(None, sets)
+    sets += [f"train.global_batch={probe.train.global_batch * args.dp}"]
+    cfg = load_config(None, sets)
+    dims = check_layout(cfg, world) if world > 1 else None
+    rank, world, device = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, device="cpu")
+    model, topo = build(cfg, dims, device, rank)
+    vocab, T = cfg.model.vocab_size, cfg.model.seq_len
+
+    class Rows:
+        def __len__(self):
+            return 64 * args.dp
+
+        def __getitem__(self, i):
+            return (np.arange(T + 1) * 7 + i) % vocab
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(cfg, model, Rows(), Rows(), Path(d), device, topo)
+        for _ in range(args.steps):
+            trainer.train_step()
+    hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
+    from mtnlg.plan.cost import predict_memory
+    pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp)["bytes"]
+    print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="config override on top of the tiny config")
+    p.add_argument("--baseline", action="store_true", help="the negligible model instead (the runtime's share)")
+    p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    world = args.tp * args.dp
+    if args.rank_main or world == 1:
+        rank_main(args)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+           __file__, "--rank-main", "--tp", str(args.tp), "--dp", str(args.dp), "--steps", str(args.steps)]
+    cmd += [f"--set={s}" for s in args.set] + (["--baseline"] if args.baseline else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    print("\n".join(line for line in out.stdout.splitlines() if line.startswith("rank")) or out.stderr[-2000:])
+    sys.exit(out.returncode)
+
+
+if __name__ == "__main__":
+    main()
