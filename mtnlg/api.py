@@ -60,7 +60,8 @@ class LanguageModel:
     def __repr__(self) -> str:
         c = self.model.cfg
         return (f"LanguageModel({c.n_layers} layers, hidden {c.hidden}, vocab {self.vocab_size}, "
-                f"context {self.context_length}, {next(self.model.parameters()).dtype}, {self.device})")
+                f"context {self.context_length}, {c.activation}, {next(self.model.parameters()).dtype}, "
+                f"{self.device})")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., :self.vocab_size]

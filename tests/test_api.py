@@ -82,6 +82,7 @@ def _window(model, inputs, targets):
 
 
 def test_generate_shapes_sampling_beams_and_stop(lm):
+    assert "gelu_tanh" in repr(lm) and f"{lm.model.cfg.n_layers} layers" in repr(lm)
     one = lm.generate("The state of the Union", max_new_tokens=8)
     assert isinstance(one, str)
     many = lm.generate(["A", "We must act now"], max_new_tokens=8)
