@@ -4,7 +4,7 @@ no dataset, tokenizer, metrics files or checkpoints): separates what the steps
 hold from what ``mtnlg train`` adds around them (compare with
 ``benchmarks/plan_vs_measured.py``, which runs the CLI).
 
-    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--set model.n_layers=4 ...]
+    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--set model.n_layers=4 ...] [--memory-trace]
 
 It launches itself under ``torch.distributed.run`` for tp*dp > 1 (one thread per
 rank, as torchrun sets) and prints each rank's VmHWM next to
@@ -15,6 +15,7 @@ same steps on a 1-layer width-64 model, the runtime's share).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -56,12 +57,48 @@ def rank_main(args) -> None:
             return (np.arange(T + 1) * 7 + i) % vocab
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, model, Rows(), Rows(), Path(d), device, topo)
-        for _ in range(args.steps):
+        for _ in range(args.steps - (1 if args.memory_trace else 0)):
             trainer.train_step()
+        if args.memory_trace:  # the last step under the profiler, tracking every tensor allocation
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                trainer.train_step()
+            if rank == 0:
+                trace = Path(d) / "trace.json"
+                prof.export_chrome_trace(str(trace))
+                print(tensor_peak_report(json.loads(trace.read_text())["traceEvents"]), flush=True)
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
     from mtnlg.plan.cost import predict_memory
     pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp)["bytes"]
     print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB", flush=True)
+
+
+def tensor_peak_report(events: list[dict], top: int = 8) -> str:
+    """From a chrome trace with memory events: the peak of the bytes allocated during the traced
+    step (tensors only: not the allocator's heap or what existed before), the ops running at that
+    moment, and the largest allocations still alive then, by the op that made them."""
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    total, peak, peak_ts, live, at_peak = 0, 0, 0, {}, {}
+    for e in mem:
+        a, b = e["args"]["Addr"], e["args"]["Bytes"]
+        total += b
+        if b > 0:
+            live[a] = (b, e["ts"])
+        else:
+            live.pop(a, None)
+        if total > peak:
+            peak, peak_ts, at_peak = total, e["ts"], dict(live)
+
+    def innermost(ts):
+        inside = [o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]]
+        return min(inside, key=lambda o: o["dur"])["name"] if inside else "?"
+    running = [o["name"] for o in sorted(ops, key=lambda o: o["ts"]) if o["ts"] <= peak_ts <= o["ts"] + o["dur"]]
+    lines = [f"tensors allocated during the traced step peak at {peak / 1e6:.0f} MB, inside "
+             + " > ".join(running[-4:])]
+    for b, ts in sorted(at_peak.values(), reverse=True)[:top]:
+        lines.append(f"  {b / 1e6:7.1f} MB from {innermost(ts)}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -71,6 +108,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="config override on top of the tiny config")
     p.add_argument("--baseline", action="store_true", help="the negligible model instead (the runtime's share)")
+    p.add_argument("--memory-trace", action="store_true",
+                   help="profile the last step's tensor allocations and print their peak (rank 0)")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     world = args.tp * args.dp
@@ -80,9 +119,11 @@ def main() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
            __file__, "--rank-main", "--tp", str(args.tp), "--dp", str(args.dp), "--steps", str(args.steps)]
     cmd += [f"--set={s}" for s in args.set] + (["--baseline"] if args.baseline else [])
+    cmd += ["--memory-trace"] if args.memory_trace else []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    print("\n".join(line for line in out.stdout.splitlines() if line.startswith("rank")) or out.stderr[-2000:])
+    print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("rank", "tensors", "  ")))
+          or out.stderr[-2000:])
     sys.exit(out.returncode)
 
 
