@@ -98,10 +98,12 @@ def test_tensorboard_events_written(tmp_path, sotu_small):
     assert list((tmp_path / "r/tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_activation_checkpointing_gives_identical_gradients():
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.1),    # SDPA with dropout
+                                           (torch.bfloat16, 0.0)])  # the CPU bf16 attention kernel
+def test_activation_checkpointing_gives_identical_gradients(dtype, dropout):
     cfg = load_config(None, ["model.n_layers=2", "model.hidden=64", "model.n_heads=4", "model.seq_len=16",
-                             "model.vocab_size=128", "model.dropout=0.1"]).model
-    a, b = build_model(cfg, "cpu", seed=0), build_model(cfg, "cpu", seed=0)
+                             "model.vocab_size=128", f"model.dropout={dropout}"]).model
+    a, b = build_model(cfg, "cpu", seed=0).to(dtype), build_model(cfg, "cpu", seed=0).to(dtype)
     apply_activation_checkpointing(b)
     x = torch.randint(0, 128, (2, 16))
     for m in (a, b):
