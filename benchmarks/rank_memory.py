@@ -4,7 +4,7 @@ no dataset, tokenizer, metrics files or checkpoints): separates what the steps
 hold from what ``mtnlg train`` adds around them (compare with
 ``benchmarks/plan_vs_measured.py``, which runs the CLI).
 
-    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--set model.n_layers=4 ...] [--memory-trace]
+    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--pp 1] [--set model.n_layers=4 ...] [--memory-trace]
 
 It launches itself under ``torch.distributed.run`` for tp*dp > 1 (one thread per
 rank, as torchrun sets) and prints each rank's VmHWM next to
@@ -40,7 +40,7 @@ def rank_main(args) -> None:
     from mtnlg.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    sets = (NEGLIGIBLE if args.baseline else TINY) + args.set + [f"parallel.tp={args.tp}"]
+    sets = (NEGLIGIBLE if args.baseline else TINY) + args.set + [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}"]
     probe = load_config(None, sets)
     sets += [f"train.global_batch={probe.train.global_batch * args.dp}"]
     cfg = load_config(None, sets)
@@ -69,8 +69,12 @@ def rank_main(args) -> None:
                 print(tensor_peak_report(json.loads(trace.read_text())["traceEvents"]), flush=True)
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
     from mtnlg.plan.cost import predict_memory
-    pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp)["bytes"]
-    print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB", flush=True)
+    if args.pp == 1:
+        pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp)["bytes"]
+        print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB",
+              flush=True)
+    else:  # predict_memory models no pipeline: the peak alone
+        print(f"rank {rank} (stage {topo.pp_rank}): peak RSS {hwm / 1e6:.0f} MB", flush=True)
 
 
 def tensor_peak_report(events: list[dict], top: int = 8) -> str:
@@ -105,6 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", action="append", default=[], help="config override on top of the tiny config")
     p.add_argument("--baseline", action="store_true", help="the negligible model instead (the runtime's share)")
@@ -112,12 +117,13 @@ def main() -> None:
                    help="profile the last step's tensor allocations and print their peak (rank 0)")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    world = args.tp * args.dp
+    world = args.tp * args.dp * args.pp
     if args.rank_main or world == 1:
         rank_main(args)
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           __file__, "--rank-main", "--tp", str(args.tp), "--dp", str(args.dp), "--steps", str(args.steps)]
+           __file__, "--rank-main", "--tp", str(args.tp), "--dp", str(args.dp), "--pp", str(args.pp),
+           "--steps", str(args.steps)]
     cmd += [f"--set={s}" for s in args.set] + (["--baseline"] if args.baseline else [])
     cmd += ["--memory-trace"] if args.memory_trace else []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
