@@ -157,8 +157,7 @@ class Config:
                 raise UserError(f"model.{name} must be positive, got {getattr(m, name)}")
         if m.hidden % m.n_heads:
             raise UserError(f"model.n_heads={m.n_heads} must divide model.hidden={m.hidden}")
-        if m.activation not in ACTIVATIONS:
-            raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
+        gelu_approximation(m.activation)
         if not 0.0 <= m.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
         for name in ("tp", "pp"):
@@ -237,6 +236,13 @@ class Config:
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
 # model.activation -> F.gelu's ``approximate`` argument
 ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
+def gelu_approximation(activation: str) -> str:
+    """F.gelu's ``approximate`` for a ``model.activation``; a one-line error for any other value."""
+    if activation not in ACTIVATIONS:
+        raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb", "zbv")
 
 

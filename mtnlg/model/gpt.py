@@ -2,8 +2,8 @@
 
 Pre-LayerNorm blocks, learned absolute positions, GeLU MLP (GPT-2's tanh form
 or the exact erf form, ``model.activation``), input and output embeddings
-tied, causal attention through ``scaled_dot_product_attention`` and
-Megatron's scaled initialisation.  This file knows nothing about parallelism:
+tied, causal attention (``mtnlg.model.attention``: SDPA, or a GEMM kernel
+for bf16 on CPU) and Megatron's scaled initialisation.  This file knows nothing about parallelism:
 tensor, pipeline and data parallelism are applied to it from outside
 (``mtnlg.parallel``).  Two habits make that possible:
 
@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtnlg.config import ACTIVATIONS, ModelConfig
-from mtnlg.errors import UserError
+from mtnlg.config import ModelConfig, gelu_approximation
 from mtnlg.model.attention import causal_attention
 
 
@@ -117,9 +116,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.hidden, cfg.ffn)
         self.proj = nn.Linear(cfg.ffn, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        if cfg.activation not in ACTIVATIONS:
-            raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.activation!r}")
-        self.approximate = ACTIVATIONS[cfg.activation]  # F.gelu's form: "tanh" (GPT-2) or "none" (erf, Megatron)
+        self.approximate = gelu_approximation(cfg.activation)  # "tanh" (GPT-2) or "none" (erf, Megatron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))

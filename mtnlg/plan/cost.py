@@ -364,8 +364,8 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     layer 32·s·b·h bytes in 16-bit (Korthikanti et al.'s 34·s·b·h less the two dropout masks,
     which dropout 0 does not keep, and no score matrix: SDPA's flash kernel keeps only the
     log-sum-exp), doubled in fp32; in bf16 the CPU attention kernel's kept probabilities
-    (``mtnlg.model.attention.probability_bytes``, about b·a·s²/2 bf16 per layer).  The logits, kept for the loss's backward, and what the loss
-    adds at its peak: measured by ``--calibrate`` per logit element (``loss_bytes``,
+    (``mtnlg.model.attention.probability_bytes``, about b·a·s²/2 bf16 per layer).  The logits,
+    kept for the loss's backward, and what the loss adds at its peak: measured by ``--calibrate`` per logit element (``loss_bytes``,
     ``loss_tp_bytes`` for the vocabulary-parallel loss on DTensor logits), else its fp32
     log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg)."""
     n = local_params(cfg, tp)

@@ -42,20 +42,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int, denom: float | torch.Tensor,
                 eager_grad: bool = False) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        grad = torch.empty_like(logits) if eager_grad else None
-        for i, (c, t) in enumerate(zip(logits.split(rows), targets.split(rows))):
-            if not eager_grad:
+        if not eager_grad:
+            for c, t in zip(logits.split(rows), targets.split(rows)):
                 total += F.cross_entropy(c.float(), t, reduction="sum", ignore_index=IGNORE_INDEX)
-                continue
-            p = torch.softmax(c.float(), dim=-1)
-            valid = t != IGNORE_INDEX
-            pt = p.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-            if bool((pt[valid] < 1e-37).any()):  # log(p) would lose precision below fp32's normal range
-                total += F.cross_entropy(c.float(), t, reduction="sum", ignore_index=IGNORE_INDEX)
-            else:
-                total -= torch.where(valid, pt.log(), 0.0).sum()
-            p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
-            torch.mul(p, (valid / denom)[:, None], out=grad[i * rows:i * rows + len(c)])
+        else:
+            grad = torch.empty_like(logits)
+            for c, t, o in zip(logits.split(rows), targets.split(rows), grad.split(rows)):
+                c32 = c.float()
+                p = torch.softmax(c32, dim=-1)
+                valid = t != IGNORE_INDEX
+                pt = p.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+                if bool((pt[valid] < 1e-37).any()):  # log(p) would lose precision below fp32's normal range
+                    total += F.cross_entropy(c32, t, reduction="sum", ignore_index=IGNORE_INDEX)
+                else:
+                    total -= torch.where(valid, pt.log(), 0.0).sum()
+                _write_grad(p, t, valid / denom, o)
         ctx.eager = eager_grad
         ctx.save_for_backward(*((grad,) if eager_grad else (logits, targets)))
         ctx.rows, ctx.denom = rows, denom
@@ -70,11 +71,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits)
         scale = grad.float() / ctx.denom
         for c, t, o in zip(logits.split(ctx.rows), targets.split(ctx.rows), out.split(ctx.rows)):
-            p = torch.softmax(c.float(), dim=-1)
-            valid = t != IGNORE_INDEX
-            p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
-            torch.mul(p, (valid * scale)[:, None], out=o)  # scale, zero ignored rows, round to bf16: one pass
+            _write_grad(torch.softmax(c.float(), dim=-1), t, (t != IGNORE_INDEX) * scale, o)
         return out, None, None, None, None
+
+
+def _write_grad(p: torch.Tensor, t: torch.Tensor, row_scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = (p - onehot(t)) * row_scale`` for a slice's fp32 softmax ``p`` (modified in
+    place): scale, zero ignored rows (scale 0) and round to ``out``'s dtype in one pass."""
+    p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
+    torch.mul(p, row_scale[:, None], out=out)
 
 
 def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int | None = None,
