@@ -4,13 +4,17 @@ no dataset, tokenizer, metrics files or checkpoints): separates what the steps
 hold from what ``mtnlg train`` adds around them (compare with
 ``benchmarks/plan_vs_measured.py``, which runs the CLI).
 
-    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--pp 1] [--set model.n_layers=4 ...] [--memory-trace]
+    python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--pp 1] [--set model.n_layers=4 ...] [--memory-trace] [--malloc]
 
 It launches itself under ``torch.distributed.run`` for tp*dp > 1 (one thread per
 rank, as torchrun sets) and prints each rank's VmHWM next to
 ``mtnlg.plan.cost.predict_memory`` without a device profile (so without the
 measured loss footprint and runtime baseline: pass ``--baseline`` to run the
-same steps on a 1-layer width-64 model, the runtime's share).
+same steps on a 1-layer width-64 model, the runtime's share).  ``--malloc`` samples
+glibc's account (``mtnlg.perf.alloc.malloc_stats``) every 2 ms during the steps and splits
+each rank's peak into the main heap's resident bytes (which never shrink under the trainer's
+malloc settings), the heap bytes in use at that moment, the blocks mapped beside the heap and
+the rest (libraries, the interpreter, stacks).
 """
 from __future__ import annotations
 
@@ -57,8 +61,11 @@ def rank_main(args) -> None:
             return (np.arange(T + 1) * 7 + i) % vocab
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, model, Rows(), Rows(), Path(d), device, topo)
+        sampler = MallocSampler() if args.malloc else None
         for _ in range(args.steps - (1 if args.memory_trace else 0)):
             trainer.train_step()
+        if sampler:
+            print(f"rank {rank}: {sampler.stop()}", flush=True)
         if args.memory_trace:  # the last step under the profiler, tracking every tensor allocation
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -75,6 +82,42 @@ def rank_main(args) -> None:
               flush=True)
     else:  # predict_memory models no pipeline: the peak alone
         print(f"rank {rank} (stage {topo.pp_rank}): peak RSS {hwm / 1e6:.0f} MB", flush=True)
+
+
+class MallocSampler:
+    """VmRSS and glibc's malloc_stats every ``every_s`` in a thread, until ``stop()``, which
+    returns a line splitting the largest sampled RSS (see the module docstring)."""
+
+    def __init__(self, every_s: float = 0.002):
+        import threading
+        from mtnlg.perf.alloc import heap_resident_bytes, malloc_stats
+        self.samples: list[tuple[int, dict]] = []
+        self.peak: tuple[int, dict, int] = (0, {}, 0)  # RSS, malloc_stats, heap resident at the largest RSS
+        self._done = threading.Event()
+
+        def run():
+            while not self._done.is_set():
+                m = malloc_stats() or {}
+                with open("/proc/self/status") as f:
+                    rss = int(next(x for x in f if x.startswith("VmRSS")).split()[1]) * 1024
+                if rss > self.peak[0]:  # the heap's mapping only at a new peak (reading smaps takes ~1 ms)
+                    self.peak = (rss, m, heap_resident_bytes())
+                self.samples.append((rss, m))
+                self._done.wait(every_s)
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> str:
+        self._done.set()
+        self._thread.join()
+        if not self.samples or not self.samples[0][1]:
+            return "no malloc statistics (not glibc)"
+        rss, m, heap = self.peak
+        most = max(s[1]["in_use"] for s in self.samples)
+        mb = lambda b: f"{b / 1e6:.0f}"  # noqa: E731
+        return (f"sampled RSS peak {mb(rss)} MB = main heap {mb(heap)} resident (in use then {mb(m['in_use'])}, "
+                f"free {mb(heap - m['in_use'])}; most in use at any sample {mb(most)}) + mapped blocks "
+                f"{mb(m['mmapped'])} + rest {mb(rss - heap - m['mmapped'])} ({len(self.samples)} samples)")
 
 
 def tensor_peak_report(events: list[dict], top: int = 8) -> str:
@@ -115,6 +158,8 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true", help="the negligible model instead (the runtime's share)")
     p.add_argument("--memory-trace", action="store_true",
                    help="profile the last step's tensor allocations and print their peak (rank 0)")
+    p.add_argument("--malloc", action="store_true",
+                   help="split each rank's peak into heap, heap in use, mapped blocks and the rest (glibc)")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     world = args.tp * args.dp * args.pp
@@ -126,6 +171,7 @@ def main() -> None:
            "--steps", str(args.steps)]
     cmd += [f"--set={s}" for s in args.set] + (["--baseline"] if args.baseline else [])
     cmd += ["--memory-trace"] if args.memory_trace else []
+    cmd += ["--malloc"] if args.malloc else []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("rank", "tensors", "  ")))

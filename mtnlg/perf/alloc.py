@@ -51,3 +51,47 @@ def keep_freed_memory() -> bool:
           and mallopt(M_TOP_PAD, 64 << 20) == 1)
     _done = ok
     return ok
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_mallinfo2 = None
+
+
+def malloc_stats() -> dict[str, int] | None:
+    """glibc's own account of this process's malloc memory (``mallinfo2``, summed over its
+    arenas), in bytes: ``heap`` (obtained from the system for the heaps, including a top pad
+    not yet touched), ``in_use`` (allocated blocks in the heaps), ``free`` (free blocks in
+    the heaps), ``mmapped`` (blocks above the mmap threshold, each its own mapping, returned
+    to the system when freed).  None where the C library is not glibc >= 2.33."""
+    global _mallinfo2
+    if _mallinfo2 is None:
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            _mallinfo2 = False
+            return None
+        fn.restype, fn.argtypes = _Mallinfo2, []
+        _mallinfo2 = fn
+    if _mallinfo2 is False:
+        return None
+    m = _mallinfo2()
+    return {"heap": m.arena, "in_use": m.uordblks, "free": m.fordblks, "mmapped": m.hblkhd}
+
+
+def heap_resident_bytes() -> int:
+    """Resident bytes of the main heap (the ``[heap]`` mapping that ``brk`` grows; Linux), 0 if absent."""
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5:
+                    inside = line.rstrip().endswith("[heap]")
+                elif inside and line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

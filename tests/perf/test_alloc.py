@@ -54,3 +54,31 @@ def test_explicit_malloc_environment_wins():
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**env, "MALLOC_MMAP_THRESHOLD_": "1048576"})
     assert (plain.stdout.split()[-1], chosen.stdout.split()[-1]) == ("True", "False")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_malloc_stats_place_blocks_in_the_heap_or_their_own_mapping():
+    """Under the trainer's settings a 1 MiB block comes from the heap (in_use grows by it) and a
+    128 MiB block, above the 32 MiB mmap threshold and larger than the heap's free top (at most the
+    64 MiB top pad), is its own mapping (mmapped grows by it); freeing it returns the mapping."""
+    code = textwrap.dedent("""
+        import torch
+        from mtnlg.perf.alloc import heap_resident_bytes, keep_freed_memory, malloc_stats
+        keep_freed_memory()
+        a = malloc_stats()
+        small = torch.ones(1 << 18)  # 1 MiB
+        b = malloc_stats()
+        big = torch.ones(32 << 20)  # 128 MiB
+        c = malloc_stats()
+        del big
+        d = malloc_stats()
+        print(b["in_use"] - a["in_use"], c["mmapped"] - b["mmapped"], d["mmapped"] - b["mmapped"],
+              int(heap_resident_bytes() >= b["in_use"] - (64 << 20)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if out.stdout.strip() == "":
+        pytest.skip("no mallinfo2")
+    small, big, after, heap_ok = (int(x) for x in out.stdout.split())
+    assert (1 << 20) <= small < (1 << 20) + (64 << 10), small  # plus the tensor's own small objects
+    assert (128 << 20) <= big < (128 << 20) + (64 << 10), big
+    assert after == 0 and heap_ok == 1
