@@ -41,6 +41,7 @@ def rank_main(args) -> None:
     from mtnlg.config import load_config
     from mtnlg.parallel.mesh import init_distributed
     from mtnlg.parallel.setup import build, check_layout
+    from mtnlg.perf.alloc import MallocSampler
     from mtnlg.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,7 +66,7 @@ def rank_main(args) -> None:
         for _ in range(args.steps - (1 if args.memory_trace else 0)):
             trainer.train_step()
         if sampler:
-            print(f"rank {rank}: {sampler.stop()}", flush=True)
+            print(f"rank {rank}: {malloc_report(sampler.stop())}", flush=True)
         if args.memory_trace:  # the last step under the profiler, tracking every tensor allocation
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -84,40 +85,15 @@ def rank_main(args) -> None:
         print(f"rank {rank} (stage {topo.pp_rank}): peak RSS {hwm / 1e6:.0f} MB", flush=True)
 
 
-class MallocSampler:
-    """VmRSS and glibc's malloc_stats every ``every_s`` in a thread, until ``stop()``, which
-    returns a line splitting the largest sampled RSS (see the module docstring)."""
-
-    def __init__(self, every_s: float = 0.002):
-        import threading
-        from mtnlg.perf.alloc import heap_resident_bytes, malloc_stats
-        self.samples: list[tuple[int, dict]] = []
-        self.peak: tuple[int, dict, int] = (0, {}, 0)  # RSS, malloc_stats, heap resident at the largest RSS
-        self._done = threading.Event()
-
-        def run():
-            while not self._done.is_set():
-                m = malloc_stats() or {}
-                with open("/proc/self/status") as f:
-                    rss = int(next(x for x in f if x.startswith("VmRSS")).split()[1]) * 1024
-                if rss > self.peak[0]:  # the heap's mapping only at a new peak (reading smaps takes ~1 ms)
-                    self.peak = (rss, m, heap_resident_bytes())
-                self.samples.append((rss, m))
-                self._done.wait(every_s)
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> str:
-        self._done.set()
-        self._thread.join()
-        if not self.samples or not self.samples[0][1]:
-            return "no malloc statistics (not glibc)"
-        rss, m, heap = self.peak
-        most = max(s[1]["in_use"] for s in self.samples)
-        mb = lambda b: f"{b / 1e6:.0f}"  # noqa: E731
-        return (f"sampled RSS peak {mb(rss)} MB = main heap {mb(heap)} resident (in use then {mb(m['in_use'])}, "
-                f"free {mb(heap - m['in_use'])}; most in use at any sample {mb(most)}) + mapped blocks "
-                f"{mb(m['mmapped'])} + rest {mb(rss - heap - m['mmapped'])} ({len(self.samples)} samples)")
+def malloc_report(got: dict) -> str:
+    """One line from ``MallocSampler.stop()`` (see the module docstring)."""
+    mb = lambda b: f"{b / 1e6:.0f}"  # noqa: E731
+    if not got["samples"]:
+        return "no malloc statistics (not glibc)"
+    return (f"sampled RSS peak {mb(got['rss'])} MB = main heap {mb(got['heap'])} resident (in use then "
+            f"{mb(got['in_use'])}, free {mb(got['heap'] - got['in_use'])}; most in use at any sample "
+            f"{mb(got['most_in_use'])}) + mapped blocks {mb(got['mmapped'])} + rest "
+            f"{mb(got['rss'] - got['heap'] - got['mmapped'])} ({got['samples']} samples)")
 
 
 def tensor_peak_report(events: list[dict], top: int = 8) -> str:

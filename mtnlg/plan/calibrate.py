@@ -274,6 +274,11 @@ def baseline_rss_gb() -> float:
     return int(out.stdout.split()[-1]) * 1024 / 1e9
 
 
+def _heap_slack(cfgs, micro_batch: int) -> float:
+    from mtnlg.plan.calibrate_heap import heap_slack_bytes
+    return heap_slack_bytes(list(cfgs), micro_batch) if cfgs else 0.0
+
+
 def _ticks() -> tuple[float, float]:
     """(CPU seconds every process used, CPU seconds this process and its reaped children used)."""
     try:
@@ -355,4 +360,5 @@ def calibrate(cfgs: list[ModelConfig], micro_batch: int, device: torch.device, p
     return DeviceProfile(name=name, source=f"measured {when} on {socket.gethostname()} ({device.type}, {precision})",
                          rates=rates, link_gbps=bw, link_latency_us=lat,
                          baseline_rss_gb=baseline_rss_gb() if device.type == "cpu" else 0.0,
+                         heap_slack_bytes=_heap_slack(cfgs, micro_batch) if device.type == "cpu" else 0.0,
                          cores=cores, extra={"precision": precision, "details": details})

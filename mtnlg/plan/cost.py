@@ -65,6 +65,7 @@ class DeviceProfile:
     link_gbps: float = 0.0                # collective bus bandwidth between ranks (per direction)
     link_latency_us: float = 0.0          # per ring step
     baseline_rss_gb: float = 0.0          # CPU: resident memory of a process with torch + mtnlg loaded
+    heap_slack_bytes: float = 0.0         # CPU: heap resident beyond its most in use, per activation element
     cores: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -367,7 +368,11 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     (``mtnlg.model.attention.probability_bytes``, about b·a·s²/2 bf16 per layer).  The logits,
     kept for the loss's backward, and what the loss adds at its peak: measured by ``--calibrate`` per logit element (``loss_bytes``,
     ``loss_tp_bytes`` for the vocabulary-parallel loss on DTensor logits), else its fp32
-    log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg)."""
+    log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg), and
+    the heap's slack: glibc's heap, never trimmed under the trainer's settings, stays at its
+    high-water mark, above the most bytes it holds at once by the holes the step's freed
+    activations leave (``calibrate_heap``: measured per activation element, L·s·b·h, alike in
+    every layout)."""
     n = local_params(cfg, tp)
     ab = 4 if precision == "fp32" else 2
     shard_w = dp if zero >= 3 else 1
@@ -394,6 +399,7 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     per_logit = kinds.get(loss_key, 4 + ab)
     parts["logits_and_loss"] = T * V / tp * (ab + per_logit)
     parts["baseline"] = (profile.baseline_rss_gb * 1e9) if profile else 0.0
+    parts["heap_slack"] = (profile.heap_slack_bytes * cfg.n_layers * sbh) if profile else 0.0
     return {"bytes": sum(parts.values()), "parts": parts}
 
 

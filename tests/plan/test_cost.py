@@ -121,6 +121,25 @@ def test_memory_model_parts():
     assert predict_memory(TINY, None, micro_batch=8, tp=2)["parts"]["attention_probs"] == TINY.n_layers * 8 * a // 2 * kept * 2
 
 
+def test_heap_slack_per_activation_element_by_hand():
+    """The heap's slack (calibrate_heap) is bytes per activation element, n_layers x micro_batch x
+    seq_len x hidden, the same in every layout; none without a profile; an old profile without
+    the field loads with none."""
+    import json
+    prof = DeviceProfile("x", "test", {1: HAND, 2: HAND}, cores=2, heap_slack_bytes=16.0)
+    elems = TINY.n_layers * 8 * TINY.seq_len * TINY.hidden
+    for tp, dp in ((1, 1), (2, 1), (1, 2)):
+        parts = predict_memory(TINY, prof, micro_batch=8, tp=tp, dp=dp)["parts"]
+        assert parts["heap_slack"] == 16.0 * elems
+    # tiny (4 layers, width 256, seq 256, micro-batch 8): 16 x 2,097,152 = 33.55 MB
+    tiny = load_config(None, ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256"]).model
+    assert predict_memory(tiny, prof, micro_batch=8)["parts"]["heap_slack"] == 33_554_432
+    assert predict_memory(TINY, None, micro_batch=8)["parts"]["heap_slack"] == 0
+    old = json.loads(prof.to_json())
+    del old["heap_slack_bytes"]
+    assert DeviceProfile.from_json(json.dumps(old)).heap_slack_bytes == 0.0
+
+
 def test_mtnlg_table_within_10_percent_with_the_a100_profile():
     cfg = load_config("configs/mtnlg-530b.toml").model
     calib = Calibration(device=GPU_PROFILES["a100-80gb"])
