@@ -78,7 +78,8 @@ def rank_main(args) -> None:
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
     from mtnlg.plan.cost import predict_memory
     if args.pp == 1:
-        pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp)["bytes"]
+        pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp,
+                              global_batch=cfg.train.global_batch)["bytes"]
         print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB",
               flush=True)
     else:  # predict_memory models no pipeline: the peak alone

@@ -349,12 +349,13 @@ def stage_compute_seconds(cfg: ModelConfig, profile: DeviceProfile, *, micro_bat
 
 
 def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_batch: int, tp: int = 1, dp: int = 1,
-                   zero: int = 0, precision: str = "bf16") -> dict:
+                   zero: int = 0, precision: str = "bf16", global_batch: int | None = None) -> dict:
     """Peak bytes of one rank of a tp x dp run (no pipeline) on a CPU, by part.
 
     States per local parameter, as the trainer and ``mtnlg.parallel.data`` keep them:
     * bf16, one process or tensor parallel: bf16 weights and gradients, the fp32 master copy
-      and its fp32 gradient, Adam's two fp32 moments (2 + 2 + 4 + 4 + 8 = 20 bytes);
+      and its fp32 gradient, Adam's two fp32 moments (2 + 2 + 4 + 4 + 8 = 20 bytes; the
+      gradients' 6 not all at the peak, see below);
     * bf16 with data parallelism (``replicate``/FSDP: fp32 parameters, bf16 compute from the
       mixed-precision policy): fp32 parameters, their bf16 compute copies held from forward to
       backward, bf16 gradients, fp32 gradients in the reduce dtype, Adam (4 + 2 + 2 + 4 + 8);
@@ -372,19 +373,40 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     the heap's slack: glibc's heap, never trimmed under the trainer's settings, stays at its
     high-water mark, above the most bytes it holds at once by the holes the step's freed
     activations leave (``calibrate_heap``: measured per activation element, L·s·b·h, alike in
-    every layout)."""
+    every layout).
+
+    Not every state is alive at once.  The step's peak is inside the loss of its last micro-batch
+    (activations and logits all alive, the backward not started), and the gradients of that
+    micro-batch do not exist yet (the optimizer's ``zero_grad(set_to_none=True)``;
+    ``MasterWeights`` drops the bf16 gradients once added into the fp32 ones; replicate/FSDP
+    casts a unit's bf16 gradients into its fp32 accumulator or reduction and frees them).  So
+    ``gradients`` counts only what earlier micro-batches of the step left: none with one
+    micro-batch per rank (``global_batch == micro_batch × dp``), else the fp32 accumulators
+    (master gradients; FSDP2's ``unsharded_accumulated_grad`` under replicate and ZeRO-1, the
+    reduce-scattered shards under ZeRO-2/3).  ``global_batch=None``: several micro-batches.  The
+    end of the backward (every gradient alive, no activations) is the other candidate peak, the
+    larger one for a model whose states outweigh its activations; ``peak`` says which one
+    ``bytes`` is."""
     n = local_params(cfg, tp)
     ab = 4 if precision == "fp32" else 2
     shard_w = dp if zero >= 3 else 1
     shard_g = dp if zero >= 2 else 1
     shard_o = dp if zero >= 1 else 1
     if precision == "bf16" and dp > 1:
-        parts = {"weights": n * 4 / shard_w + n * 2, "gradients": n * 2 + n * 4 / shard_g,
-                 "optimizer": n * 8 / shard_o}
+        parts = {"weights": n * 4 / shard_w + n * 2, "optimizer": n * 8 / shard_o}
+        all_grads = n * 2 + n * 4 / shard_g     # a unit's bf16 gradients and their fp32 reduction
     elif precision == "bf16":
-        parts = {"weights": n * 2, "gradients": n * 2 + n * 4, "optimizer": n * (4 + 8) / shard_o}
+        parts = {"weights": n * 2, "optimizer": n * (4 + 8) / shard_o}
+        all_grads = n * 2 + n * 4               # bf16 gradients cast into fresh fp32 master gradients
     else:
-        parts = {"weights": n * 4 / shard_w, "gradients": n * 4 / shard_g, "optimizer": n * 8 / shard_o}
+        parts = {"weights": n * 4 / shard_w, "optimizer": n * 8 / shard_o}
+        all_grads = n * 4 / shard_g
+    if global_batch is not None and global_batch % (micro_batch * dp):
+        raise UserError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} x dp {dp}")
+    several = global_batch is None or global_batch > micro_batch * dp
+    # at the loss's peak: the fp32 accumulators of the step's earlier micro-batches, if any
+    parts = {"weights": parts["weights"], "gradients": n * 4 / shard_g if several else 0.0,
+             "optimizer": parts["optimizer"]}
     T, h = micro_batch * cfg.seq_len, cfg.hidden
     V = cfg.padded_vocab(tp)
     sbh = T * h
@@ -400,7 +422,13 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     parts["logits_and_loss"] = T * V / tp * (ab + per_logit)
     parts["baseline"] = (profile.baseline_rss_gb * 1e9) if profile else 0.0
     parts["heap_slack"] = (profile.heap_slack_bytes * cfg.n_layers * sbh) if profile else 0.0
-    return {"bytes": sum(parts.values()), "parts": parts}
+    at_loss = sum(parts.values())
+    keep = ("weights", "optimizer", "baseline", "heap_slack")  # after the backward: no activations
+    at_end = sum(parts[k] for k in keep) + all_grads
+    if at_end > at_loss:
+        parts = {k: (all_grads if k == "gradients" else v if k in keep else 0.0) for k, v in parts.items()}
+        return {"bytes": at_end, "parts": parts, "peak": "end of backward"}
+    return {"bytes": at_loss, "parts": parts, "peak": "loss"}
 
 
 def _tp_act_factor(tp: int) -> float:

@@ -42,7 +42,8 @@ def run_local(args: argparse.Namespace) -> int:
     recompute = args.recompute or ("full" if cfg.train.activation_checkpointing else "none")
     step = predict_step(cfg.model, prof, micro_batch=mb, global_batch=gb, tp=tp, dp=dp, precision=precision,
                         recompute=recompute, zero=args.zero)
-    mem = predict_memory(cfg.model, prof, micro_batch=mb, tp=tp, dp=dp, zero=args.zero, precision=precision)
+    mem = predict_memory(cfg.model, prof, micro_batch=mb, tp=tp, dp=dp, zero=args.zero, precision=precision,
+                         global_batch=gb)
     if args.json:
         print(json.dumps({"profile": prof.name, "source": prof.source, "tp": tp, "dp": dp, **step,
                           "memory": mem}, indent=1))
@@ -52,6 +53,6 @@ def run_local(args: argparse.Namespace) -> int:
     for c in CATEGORIES:
         s = step["breakdown_s"][c]
         print(f"  {c:<14} {1e3 * s:9.1f} ms  {100 * s / step['seconds']:5.1f}%")
-    print(f"predicted peak memory per rank {mem['bytes'] / 1e9:.3f} GB: " +
+    print(f"predicted peak memory per rank {mem['bytes'] / 1e9:.3f} GB (at the {mem['peak']}): " +
           ", ".join(f"{k} {v / 1e9:.3f}" for k, v in mem["parts"].items()))
     return 0
