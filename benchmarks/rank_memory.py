@@ -74,6 +74,8 @@ def rank_main(args) -> None:
             if rank == 0:
                 trace = Path(d) / "trace.json"
                 prof.export_chrome_trace(str(trace))
+                print(f"tensors held between steps (parameters, master copies, optimizer state): "
+                      f"{held_bytes(trainer) / 1e6:.1f} MB", flush=True)
                 print(tensor_peak_report(json.loads(trace.read_text())["traceEvents"]), flush=True)
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
     from mtnlg.plan.cost import predict_memory
@@ -97,10 +99,22 @@ def malloc_report(got: dict) -> str:
             f"{mb(got['rss'] - got['heap'] - got['mmapped'])} ({got['samples']} samples)")
 
 
-def tensor_peak_report(events: list[dict], top: int = 8) -> str:
+def held_bytes(trainer) -> int:
+    """Bytes of this rank's tensors alive between steps: the model's parameters, the master
+    copies (``MasterWeights``), the optimizer's state (DTensors: the local shard)."""
+    import torch
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    ts = {id(p): p for p in trainer.params}
+    ts.update({id(p): p for p in (trainer.master.params if trainer.master else [])})
+    ts.update({id(v): v for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)})
+    return sum(local(t).numel() * local(t).element_size() for t in ts.values())
+
+
+def tensor_peak_report(events: list[dict], top: int = 12) -> str:
     """From a chrome trace with memory events: the peak of the bytes allocated during the traced
     step (tensors only: not the allocator's heap or what existed before), the ops running at that
-    moment, and the largest allocations still alive then, by the op that made them."""
+    moment, and the allocations still alive then, grouped by size and the op that made them,
+    largest first."""
     mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     total, peak, peak_ts, live, at_peak = 0, 0, 0, {}, {}
@@ -114,14 +128,18 @@ def tensor_peak_report(events: list[dict], top: int = 8) -> str:
         if total > peak:
             peak, peak_ts, at_peak = total, e["ts"], dict(live)
 
-    def innermost(ts):
-        inside = [o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]]
-        return min(inside, key=lambda o: o["dur"])["name"] if inside else "?"
+    def innermost(ts):  # the three innermost ops running at ts, outer to inner
+        inside = sorted((o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]), key=lambda o: -o["dur"])
+        return " > ".join(o["name"] for o in inside[-3:]) or "?"
     running = [o["name"] for o in sorted(ops, key=lambda o: o["ts"]) if o["ts"] <= peak_ts <= o["ts"] + o["dur"]]
     lines = [f"tensors allocated during the traced step peak at {peak / 1e6:.0f} MB, inside "
              + " > ".join(running[-4:])]
-    for b, ts in sorted(at_peak.values(), reverse=True)[:top]:
-        lines.append(f"  {b / 1e6:7.1f} MB from {innermost(ts)}")
+    groups: dict[tuple[int, str], int] = {}
+    for b, ts in at_peak.values():
+        key = (b, innermost(ts))
+        groups[key] = groups.get(key, 0) + 1
+    for (b, name), k in sorted(groups.items(), key=lambda x: -x[0][0] * x[1])[:top]:
+        lines.append(f"  {k:3d} x {b / 1e6:6.2f} MB = {k * b / 1e6:6.1f} MB from {name}")
     return "\n".join(lines)
 
 
