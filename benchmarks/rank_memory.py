@@ -1,7 +1,7 @@
 """Peak resident memory per rank of a few training steps through the real
 ``parallel.setup.build`` and ``Trainer``, without the CLI (synthetic token rows,
-no dataset, tokenizer, metrics files or checkpoints): separates what the steps
-hold from what ``mtnlg train`` adds around them (compare with
+no dataset, tokenizer, metrics files or checkpoints), and each rank's median step
+time after the first: separates what the steps hold from what ``mtnlg train`` adds around them (compare with
 ``benchmarks/plan_vs_measured.py``, which runs the CLI).
 
     python benchmarks/rank_memory.py [--tp 1] [--dp 1] [--pp 1] [--set model.n_layers=4 ...] [--memory-trace] [--malloc]
@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +65,11 @@ def rank_main(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, model, Rows(), Rows(), Path(d), device, topo)
         sampler = MallocSampler() if args.malloc else None
+        times = []
         for _ in range(args.steps - (1 if args.memory_trace else 0)):
+            t0 = time.perf_counter()
             trainer.train_step()
+            times.append(time.perf_counter() - t0)
         if sampler:
             print(f"rank {rank}: {malloc_report(sampler.stop())}", flush=True)
         if args.memory_trace:  # the last step under the profiler, tracking every tensor allocation
@@ -78,14 +83,16 @@ def rank_main(args) -> None:
                       f"{held_bytes(trainer) / 1e6:.1f} MB", flush=True)
                 print(tensor_peak_report(json.loads(trace.read_text())["traceEvents"]), flush=True)
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
+    # the first step builds the optimizer state (and any compile): the median of the others
+    step_s = f"; median step {statistics.median(times[1:] or times):.3f} s" if times else ""
     from mtnlg.plan.cost import predict_memory
     if args.pp == 1:
         pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp,
                               global_batch=cfg.train.global_batch)["bytes"]
-        print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB",
-              flush=True)
+        print(f"rank {rank}: peak RSS {hwm / 1e6:.0f} MB; predict_memory without a profile {pred / 1e6:.0f} MB"
+              + step_s, flush=True)
     else:  # predict_memory models no pipeline: the peak alone
-        print(f"rank {rank} (stage {topo.pp_rank}): peak RSS {hwm / 1e6:.0f} MB", flush=True)
+        print(f"rank {rank} (stage {topo.pp_rank}): peak RSS {hwm / 1e6:.0f} MB" + step_s, flush=True)
 
 
 def malloc_report(got: dict) -> str:

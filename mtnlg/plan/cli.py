@@ -9,7 +9,7 @@ from mtnlg.errors import UserError
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, GPUS, Calibration, make_cluster
 from mtnlg.plan.cost import GPU_PROFILES, DeviceProfile
 from mtnlg.plan.layout import RECOMPUTE, SCHEDULES, Layout
-from mtnlg.plan.memory import STATE_BYTES, model_state_bytes
+from mtnlg.plan.memory import STATE_BYTES, model_state_bytes, reduces_per_step
 from mtnlg.plan.planner import plan_layout, search_layouts
 
 
@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-stages", type=int, default=1, help="model chunks per stage for --schedule interleaved or zb")
     g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage for data-parallel sharding: 1 optimizer state, 2 + gradients, 3 + weights")
+    g.add_argument("--zero-reduce", choices=("micro_batch", "step"), default=None,
+                   help="ZeRO 2/3 in a pipeline: reduce-scatter gradients per micro_batch, or once per step "
+                        "(unsharded fp32 gradients held until then; default: parallel.zero_reduce)")
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="sequence parallelism with tp (default: parallel.sequence_parallel)")
     g.add_argument("--recompute", choices=RECOMPUTE,
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         from mtnlg.plan.local import run_local
         return run_local(args)
     cfg, cluster, calib, batch, sp, precision = _setup(args)
+    zero_reduce = getattr(args, "zero_reduce", None) or cfg.parallel.zero_reduce
     v = args.virtual_stages if args.schedule in ("interleaved", "zb") else 1
     if args.schedule == "interleaved" and v < 2:
         raise UserError("--schedule interleaved needs --virtual-stages 2 or more")
@@ -113,14 +117,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{cluster.world_size} GPUs are not divisible by tp*pp = {tp * pp}")
         recompute = args.recompute or ("full" if cfg.train.activation_checkpointing else "none")
         layout = Layout(tp, pp, cluster.world_size // (tp * pp), args.micro_batch or cfg.train.micro_batch,
-                        args.schedule, v, args.zero, sp and tp > 1, recompute)
+                        args.schedule, v, args.zero, sp and tp > 1, recompute, zero_reduce)
         out = plan_layout(cfg.model, cluster, layout, batch, precision, calib)
         if args.dry_run:
             out["dry_run"] = _dry_run_report(cfg.model, layout, args.rank, out, precision)
     options = dict(tp=[args.tp] if args.tp else None, pp=[args.pp] if args.pp else None,
                    micro_batch=[args.micro_batch] if args.micro_batch else None,
                    recompute=[args.recompute] if args.recompute else None, zero=args.zero,
-                   sequence_parallel=sp, schedule=args.schedule, virtual_stages=v)
+                   sequence_parallel=sp, schedule=args.schedule, virtual_stages=v, zero_reduce=zero_reduce)
     if search or args.plot:
         plans = search_layouts(cfg.model, cluster, batch, precision, calib, include_unfit=True, **options)
     if search:
@@ -155,7 +159,7 @@ def _dry_run_report(cfg, layout: Layout, rank: int, plan: dict, precision: str) 
     d = dry_run(cfg, layout, rank)
     stage = d["coords"]["pp"]
     analytic = stage_params_local(cfg, layout.tp, layout.pp, stage, d["padded_vocab"])
-    mem = model_state_bytes(d["params"], layout.dp, layout.zero, precision)
+    mem = model_state_bytes(d["params"], layout.dp, layout.zero, precision, reduces_per_step(layout))
     d.update(analytic_params=analytic, match=d["params"] == analytic,
              model_state_gb={k: v / GB for k, v in mem.items()})
     return d
@@ -164,7 +168,9 @@ def _dry_run_report(cfg, layout: Layout, rank: int, plan: dict, precision: str) 
 def _fmt_layout(L: dict) -> str:
     v = f"x{L['virtual_stages']}" if L["virtual_stages"] > 1 else ""
     return (f"tp {L['tp']} x pp {L['pp']}{v} x dp {L['dp']}, micro-batch {L['micro_batch']}, {L['schedule']}, "
-            f"recompute {L['recompute']}, ZeRO-{L['zero']}" + (", sequence parallel" if L["sequence_parallel"] else ""))
+            f"recompute {L['recompute']}, ZeRO-{L['zero']}" + (", sequence parallel" if L["sequence_parallel"] else "")
+            + (", gradients reduced once per step" if L.get("zero_reduce") == "step" and L["zero"] >= 2
+               and L["pp"] > 1 and L["dp"] > 1 else ""))
 
 
 def print_plan(p: dict, cfg) -> None:

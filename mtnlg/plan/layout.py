@@ -28,6 +28,7 @@ class Layout:
     zero: int = 0                # ZeRO stage for data-parallel sharding: 0, 1, 2, 3
     sequence_parallel: bool = False
     recompute: str = "full"      # none | selective | full
+    zero_reduce: str = "micro_batch"  # ZeRO 2/3 in a pipeline: reduce-scatter per micro_batch, or once per step
 
     @property
     def world_size(self) -> int:

@@ -65,16 +65,30 @@ def replicated_params(cfg: ModelConfig, tp: int, pp: int, vocab: int) -> int:
     return total_params_all_ranks(cfg, tp, pp, vocab) - param_count(cfg, vocab)
 
 
-def model_state_bytes(n_params: int, dp: int, zero: int, precision: str) -> dict:
+def model_state_bytes(n_params: int, dp: int, zero: int, precision: str, reduce_per_step: bool = False) -> dict:
     """Bytes of weights, gradients and optimizer state on one rank.
     ZeRO-1 shards the optimizer state over dp, ZeRO-2 also the gradients,
-    ZeRO-3 also the weights (Rajbhandari et al. 2020)."""
+    ZeRO-3 also the weights (Rajbhandari et al. 2020).
+
+    ``reduce_per_step`` (ZeRO 2/3 inside a pipeline with ``parallel.zero_reduce = "step"``):
+    FSDP2 skips the reduce-scatter until the step's last micro-batch and accumulates every
+    unsharded gradient in its reduce dtype, fp32 (``FSDPParam.to_accumulated_grad_if_needed``),
+    so the rank holds 4 bytes per local parameter of gradients instead of a 1/dp shard."""
     w, g, o = STATE_BYTES[precision]
+    grads = n_params * 4 if (reduce_per_step and zero >= 2 and dp > 1) else n_params * g / (dp if zero >= 2 else 1)
     return {
         "weights": n_params * w / (dp if zero >= 3 else 1),
-        "gradients": n_params * g / (dp if zero >= 2 else 1),
+        "gradients": grads,
         "optimizer": n_params * o / (dp if zero >= 1 else 1),
     }
+
+
+def reduces_per_step(layout) -> bool:
+    """Whether this layout's ZeRO 2/3 gradients wait unsharded for the step's end (see above):
+    ``parallel.zero_reduce = "step"`` in a pipeline, and always under the zero-bubble schedules,
+    where ``PipelineStage`` drives FSDP (``mtnlg/parallel/setup.py``)."""
+    return (layout.zero >= 2 and layout.pp > 1 and layout.dp > 1
+            and (layout.zero_reduce == "step" or layout.schedule in ("zb", "zbv")))
 
 
 def fsdp_buffer_bytes(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, stage: int, vocab: int,
@@ -87,7 +101,10 @@ def fsdp_buffer_bytes(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, st
       (and without a pipeline) that unit is the vocabulary-sized embedding, elsewhere a block.
     * gathered weights (ZeRO-3): the block being differentiated and the one prefetched; without a
       pipeline the tied embedding lives in the root unit, which FSDP2 keeps gathered from the first
-      forward to the end of backward.
+      forward to the end of backward.  ``parallel.zero_reduce = "step"`` changes nothing here: the
+      pipeline stage turns off resharding after backward, but zero 3 still reshards each unit
+      after its next forward, so no more than these stay gathered at the peak (measured,
+      docs/scale.md).
 
     Measured against the 760M scale drill (README, "Scale drill"): resume layout dp4 x tp2, 2.27-2.28 GB
     per rank against 2.34 GB planned with these terms (+0.35 GB process runtime) and 1.99 GB without."""

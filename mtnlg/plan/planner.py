@@ -8,8 +8,8 @@ from mtnlg.model.flops import flops_per_iteration, param_count
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, Calibration, Cluster
 from mtnlg.parallel.stages import analytic_bubble, effective_schedule, stage_layers
 from mtnlg.plan.layout import RECOMPUTE, Layout, check_layout, stage_kinds
-from mtnlg.plan.memory import (GB, STATE_BYTES, fsdp_buffer_bytes, model_state_bytes, stage_activation_bytes,
-                               stage_params_local)
+from mtnlg.plan.memory import (GB, STATE_BYTES, fsdp_buffer_bytes, model_state_bytes, reduces_per_step,
+                               stage_activation_bytes, stage_params_local)
 from mtnlg.plan.timing import (data_parallel_time, layer_flops_split, optimizer_time, passes_per_layer,
                                stage_time, zero3_gather_per_microbatch)
 
@@ -24,7 +24,7 @@ def plan_stage(cfg: ModelConfig, cluster: Cluster, layout: Layout, stage: int, n
     n_layers = stage_layers(cfg.n_layers, L.pp)[stage]
     params = stage_params_local(cfg, L.tp, L.pp, stage, vocab)
     state = STATE_BYTES[precision]
-    mem = model_state_bytes(params, L.dp, L.zero, precision)
+    mem = model_state_bytes(params, L.dp, L.zero, precision, reduces_per_step(L))
     mem.update(fsdp_buffer_bytes(cfg, L.tp, L.pp, L.dp, L.zero, stage, vocab, state[0]))
     mem["activations"] = stage_activation_bytes(cfg, L, stage, n_layers, n_micro, vocab, _act_bytes(precision))
     t = stage_time(cfg, cluster, calib, L, stage, n_layers, vocab, _act_bytes(precision))
@@ -95,7 +95,7 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, *, tp: list[int] | None = None,
                       pp: list[int] | None = None, micro_batch: list[int] | None = None,
                       recompute: list[str] | None = None, zero: int = 0, sequence_parallel: bool = False,
-                      schedule: str = "1f1b", virtual_stages: int = 1) -> list[Layout]:
+                      schedule: str = "1f1b", virtual_stages: int = 1, zero_reduce: str = "micro_batch") -> list[Layout]:
     """Every layout of the cluster's GPUs that the model and batch allow."""
     N = cluster.world_size
     out = []
@@ -106,7 +106,7 @@ def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, *, 
             for b in micro_batch or [1, 2, 4, 8]:
                 for r in recompute or list(RECOMPUTE):
                     v = virtual_stages if schedule in ("interleaved", "zb") else 1
-                    L = Layout(t, p, N // (t * p), b, schedule, v, zero, sequence_parallel and t > 1, r)
+                    L = Layout(t, p, N // (t * p), b, schedule, v, zero, sequence_parallel and t > 1, r, zero_reduce)
                     try:
                         check_layout(cfg, L, global_batch)
                     except UserError:

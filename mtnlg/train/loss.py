@@ -77,9 +77,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 def _write_grad(p: torch.Tensor, t: torch.Tensor, row_scale: torch.Tensor, out: torch.Tensor) -> None:
     """``out = (p - onehot(t)) * row_scale`` for a slice's fp32 softmax ``p`` (modified in
-    place): scale, zero ignored rows (scale 0) and round to ``out``'s dtype in one pass."""
+    place): scale, zero ignored rows (scale 0), then round to ``out``'s dtype.  An in-place
+    multiply and a cast: ``torch.mul(..., out=bf16)`` computes into an fp32 temporary and copies it
+    (bitwise the same, 1.7x the time at 128 x 8192 on the 2-core CPU)."""
     p.scatter_add_(1, t.clamp(min=0)[:, None], torch.full_like(p[:, :1], -1.0))
-    torch.mul(p, row_scale[:, None], out=out)
+    out.copy_(p.mul_(row_scale[:, None]))
 
 
 def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int | None = None,

@@ -7,7 +7,7 @@ import torch
 
 from mtnlg.config import load_config
 from mtnlg.model.gpt import build_model
-from mtnlg.perf.breakdown import CLASSES, classify, format_table, profile_steps
+from mtnlg.perf.breakdown import CLASSES, classify, format_table, profile_steps, tally
 from mtnlg.train.precision import param_dtype
 from mtnlg.train.trainer import Trainer
 
@@ -23,6 +23,22 @@ from mtnlg.train.trainer import Trainer
 ])
 def test_classify(name, cls):
     assert classify(name) == cls
+
+
+class Event:
+    def __init__(self, name, us, parent=None):
+        self.name, self.self_cpu_time_total, self.cpu_parent = name, us, parent
+
+
+def test_kernels_inside_a_labelled_region_count_for_its_class():
+    # the sliced loss's casts and copies are loss time, the attention kernel's GEMMs attention time;
+    # the same kernels elsewhere count by their own names
+    loss, attn = Event("_ChunkedCrossEntropy", 5), Event("_CausalGemmAttentionBackward", 7)
+    got = tally([loss, Event("aten::copy_", 300, loss), Event("aten::mul_", 200, loss), attn,
+                 Event("aten::bmm", 400, attn), Event("aten::copy_", 1000), Event("aten::mm", 2000)])
+    assert got["softmax/loss"] == pytest.approx(505e-6)
+    assert got["attention"] == pytest.approx(407e-6)
+    assert got["norm/elementwise"] == pytest.approx(1000e-6) and got["gemm"] == pytest.approx(2000e-6)
 
 
 class Tokens:

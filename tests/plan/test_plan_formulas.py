@@ -81,6 +81,34 @@ def test_model_state_zero_stages():
     assert gb(model_state_bytes(n, 8, 2, "bf16")) == (2, 0.25, 1.5)
     assert gb(model_state_bytes(n, 8, 3, "bf16")) == (0.25, 0.25, 1.5)
     assert gb(model_state_bytes(n, 1, 0, "fp32")) == (4, 4, 8)
+    # parallel.zero_reduce = "step" in a pipeline: FSDP2 accumulates unsharded fp32 gradients until
+    # the step's last micro-batch (4 bytes per parameter), whatever the dp degree
+    assert gb(model_state_bytes(n, 8, 3, "bf16", reduce_per_step=True)) == (0.25, 4, 1.5)
+    assert gb(model_state_bytes(n, 8, 2, "bf16", reduce_per_step=True)) == (2, 4, 1.5)
+    assert gb(model_state_bytes(n, 8, 1, "bf16", reduce_per_step=True)) == (2, 2, 1.5)  # zero 1: no sharded grads
+
+
+def test_zero_reduce_step_counts_unsharded_gradients_only_where_the_trainer_keeps_them():
+    from mtnlg.plan.memory import reduces_per_step
+    cfg = load_config(None, ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256"]).model
+    cluster = Cluster(GPUSpec("x", 80, 312, 2000, 300, 25), 1)  # one node of 8
+    base = dict(tp=1, pp=2, dp=4, micro_batch=1, schedule="1f1b", zero=3, recompute="none")
+    per_micro, per_step = Layout(**base), Layout(**base, zero_reduce="step")
+    assert not reduces_per_step(per_micro) and reduces_per_step(per_step)
+    assert not reduces_per_step(Layout(**{**base, "pp": 1, "dp": 8}, zero_reduce="step"))  # no pipeline
+    assert not reduces_per_step(Layout(**{**base, "zero": 1}, zero_reduce="step"))          # nothing sharded
+    a, b = (plan_layout(cfg, cluster, L, global_batch=32) for L in (per_micro, per_step))
+    for sa, sb in zip(a["stages"], b["stages"]):
+        n = sa["params"]
+        # by hand: bf16 sharded gradients 2 bytes / dp against 4 bytes unsharded, everything else equal
+        assert sb["memory_gb"]["gradients"] * 1e9 == pytest.approx(4 * n)
+        assert sa["memory_gb"]["gradients"] * 1e9 == pytest.approx(2 * n / 4)
+        # zero 3 still reshards each unit after its forward: two blocks gathered in bf16 either way
+        assert sb["memory_gb"]["gathered_weights"] * 1e9 == pytest.approx(2 * 2 * (12 * 256 ** 2 + 13 * 256))
+        assert {k: v for k, v in sa["memory_gb"].items() if k != "gradients"} == \
+            {k: v for k, v in sb["memory_gb"].items() if k != "gradients"}
+    # the zero-bubble schedules always reduce once per step (PipelineStage drives FSDP)
+    assert reduces_per_step(Layout(**{**base, "zero": 2, "schedule": "zb"}))
 
 
 def test_collectives_and_placement():
