@@ -393,20 +393,19 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     shard_g = dp if zero >= 2 else 1
     shard_o = dp if zero >= 1 else 1
     if precision == "bf16" and dp > 1:
-        parts = {"weights": n * 4 / shard_w + n * 2, "optimizer": n * 8 / shard_o}
+        weights, optimizer = n * 4 / shard_w + n * 2, n * 8 / shard_o
         all_grads = n * 2 + n * 4 / shard_g     # a unit's bf16 gradients and their fp32 reduction
     elif precision == "bf16":
-        parts = {"weights": n * 2, "optimizer": n * (4 + 8) / shard_o}
+        weights, optimizer = n * 2, n * (4 + 8) / shard_o
         all_grads = n * 2 + n * 4               # bf16 gradients cast into fresh fp32 master gradients
     else:
-        parts = {"weights": n * 4 / shard_w, "optimizer": n * 8 / shard_o}
+        weights, optimizer = n * 4 / shard_w, n * 8 / shard_o
         all_grads = n * 4 / shard_g
     if global_batch is not None and global_batch % (micro_batch * dp):
         raise UserError(f"global batch {global_batch} is not a multiple of micro_batch {micro_batch} x dp {dp}")
     several = global_batch is None or global_batch > micro_batch * dp
-    # at the loss's peak: the fp32 accumulators of the step's earlier micro-batches, if any
-    parts = {"weights": parts["weights"], "gradients": n * 4 / shard_g if several else 0.0,
-             "optimizer": parts["optimizer"]}
+    # at the loss's peak: only the fp32 accumulators of the step's earlier micro-batches, if any
+    parts = {"weights": weights, "gradients": n * 4 / shard_g if several else 0.0, "optimizer": optimizer}
     T, h = micro_batch * cfg.seq_len, cfg.hidden
     V = cfg.padded_vocab(tp)
     sbh = T * h
