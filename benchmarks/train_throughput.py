@@ -157,7 +157,8 @@ def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.
 
 def compare(baseline: Path, names: list[str], precisions: list[str], steps: int, repeats: int,
             device: torch.device) -> None:
-    """Before (``baseline`` checkout) / after (this checkout) rows, alternating runs."""
+    """Before (``baseline`` checkout) / after (this checkout) rows, alternating runs, each pair in
+    the other order than the last."""
     this = Path(__file__).resolve().parents[1]
     head = (f"{'config':<7} {'precision':<14} {'before tok/s':>12} {'after tok/s':>12} {'speedup':>8} "
             f"{'before MFU/mm':>14} {'after MFU/mm':>13}")
@@ -165,9 +166,11 @@ def compare(baseline: Path, names: list[str], precisions: list[str], steps: int,
     for name in names:
         for precision in precisions:
             runs = {"before": [], "after": []}
-            for _ in range(repeats):
-                runs["before"].append(bench_tree(baseline, name, precision, steps, device))
-                runs["after"].append(bench_tree(this, name, precision, steps, device))
+            for i in range(repeats):  # ABBA: which tree runs first alternates (on this machine the first
+                # process of a back-to-back pair was often the slower one, which favoured "after")
+                order = (("before", baseline), ("after", this))
+                for key, tree in (order if i % 2 == 0 else order[::-1]):
+                    runs[key].append(bench_tree(tree, name, precision, steps, device))
             med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
             ratio = {k: statistics.median(r["ratio"] for r in v) for k, v in runs.items()}
             speedup = statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
