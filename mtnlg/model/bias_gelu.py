@@ -31,8 +31,9 @@ pre-activation, at most half a bf16 ulp of ``x``).  The errors against an
 fp64 reference are checked to be at the unfused path's level in
 ``tests/model/test_bias_gelu.py``.
 
-``linear_gelu`` uses the region for bf16 on CPU with plain tensors and at
-least ``regions.MIN_ELEMS`` activation elements; a tensor-parallel or
+``linear_gelu`` uses the region in training (gradients enabled) for bf16 on
+CPU with plain tensors and at least ``regions.MIN_ELEMS`` activation elements;
+inference (no first-request compile in a server), a tensor-parallel or
 otherwise hooked linear, CUDA, fp32 and small calls keep the unfused path.
 """
 from __future__ import annotations
@@ -76,12 +77,14 @@ _REGIONS = {"tanh": (regions.Region(_fwd_tanh, "bias_gelu_tanh"), regions.Region
             "none": (regions.Region(_fwd_erf, "bias_gelu_erf"), regions.Region(_bwd_erf, "bias_gelu_erf_bwd"))}
 
 
-def uses_fused_bias_gelu(x: torch.Tensor, fc: nn.Linear, approximate: str = "tanh") -> bool:
+def uses_fused_bias_gelu(x: torch.Tensor, fc: nn.Module, approximate: str = "tanh") -> bool:
     """Whether ``linear_gelu`` runs the fused region for input ``x`` into linear ``fc``."""
+    if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and type(x) is torch.Tensor and isinstance(fc, nn.Linear) and fc.bias is not None):
+        return False
     w, b = fc.weight, fc.bias
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-            and b is not None and type(x) is torch.Tensor and type(w.data) is torch.Tensor
-            and type(b.data) is torch.Tensor and not fc._forward_hooks and not fc._forward_pre_hooks
+    return (w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor and type(b.data) is torch.Tensor
+            and not fc._forward_hooks and not fc._forward_pre_hooks
             and x.numel() // max(1, x.shape[-1]) * w.shape[0] >= regions.MIN_ELEMS
             and all(r.usable() for r in _REGIONS[approximate]))
 

@@ -82,6 +82,8 @@ def test_dispatch_runs_the_region_only_where_it_is_meant_to(monkeypatch):
     handle = fc.register_forward_hook(lambda *a: None)                # a hooked (e.g. tensor-parallel) linear
     assert not BG.uses_fused_bias_gelu(big, fc)
     handle.remove()
+    with torch.no_grad():                                             # inference: unfused, no compile
+        assert not BG.uses_fused_bias_gelu(big, fc)
     monkeypatch.setitem(regions._state, "enabled", False)             # train.compiled_regions = false
     assert not BG.uses_fused_bias_gelu(big, fc)
 
