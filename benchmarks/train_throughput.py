@@ -110,11 +110,13 @@ def matmul_rate(shapes, dtype, device, seconds=0.4, passes=3) -> float:
     return total_flops / total_time / 1e12
 
 
-def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
+def bench(name: str, precision: str, steps: int, device: torch.device, compile: bool = False) -> dict:
     cfg = load_config(None, CONFIGS[name] + [f"train.precision={precision}", "optim.warmup_steps=1",
                                              f"train.steps={steps + 2}", "train.eval_interval=0"])
     vocab = cfg.model.padded_vocab()
     model = build_model(cfg.model, device, seed=0).to(param_dtype(precision))
+    if compile:  # as apply_parallelism does with train.compile=true; the two warm-up steps compile
+        model.compile()
     data = RandomTokens(cfg.train.global_batch * (steps + 2), cfg.model.seq_len, cfg.model.vocab_size)
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, model, data, data, Path(d), device)
@@ -134,20 +136,22 @@ def bench(name: str, precision: str, steps: int, device: torch.device) -> dict:
     rate = matmul_rate(gemm_shapes(cfg.model, cfg.train.micro_batch * cfg.model.seq_len, vocab),
                        PRECISIONS[precision], device)
     params = sum(p.numel() for p in model.parameters())
-    out = {"config": name, "params_m": params / 1e6, "precision": precision, "tokens_per_s": tokens / elapsed,
+    out = {"config": name, "params_m": params / 1e6, "precision": precision + ("+compile" if compile else ""),
+           "tokens_per_s": tokens / elapsed,
            "tflops": tflops, "matmul_tflops": rate, "ratio": tflops / rate}
     if device.type == "cuda":
         out["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out
 
 
-def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.device) -> dict:
+def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.device,
+               compile: bool = False) -> dict:
     """``bench`` in a fresh process, timing the ``mtnlg`` package of checkout ``tree``."""
     here = Path(__file__).resolve().parent
     code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); import mtnlg, torch; "
             f"assert mtnlg.__file__.startswith({str(tree)!r}), mtnlg.__file__; "
             f"sys.path.insert(0, {str(here)!r}); from train_throughput import bench; "
-            f"print(json.dumps(bench({name!r}, {precision!r}, {steps}, torch.device({str(device)!r}))))")
+            f"print(json.dumps(bench({name!r}, {precision!r}, {steps}, torch.device({str(device)!r}), {compile!r})))")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -187,6 +191,7 @@ def main() -> None:
     p.add_argument("--configs", default="tiny,14m", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="comma list of: " + ", ".join(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
     p.add_argument("--baseline", type=Path, help="another checkout: print before (it) / after (this) rows")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs per row, each in a fresh process (median reported); with --baseline, alternating "
@@ -206,12 +211,12 @@ def main() -> None:
     for name in args.configs.split(","):
         for precision in args.precisions.split(","):
             if args.repeats > 1:  # fresh processes: one run's heap or threads don't shape the next
-                runs = [bench_tree(Path(__file__).resolve().parents[1], name, precision, args.steps, device)
+                runs = [bench_tree(Path(__file__).resolve().parents[1], name, precision, args.steps, device, args.compile)
                         for _ in range(args.repeats)]
                 r = {**runs[0], **{k: statistics.median(x[k] for x in runs)
                                    for k in ("tokens_per_s", "tflops", "matmul_tflops", "ratio")}}
             else:
-                r = bench(name, precision, args.steps, device)
+                r = bench(name, precision, args.steps, device, args.compile)
             print(f"{r['config']:<8} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
                   f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
             if peak:
