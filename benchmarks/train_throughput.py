@@ -110,8 +110,9 @@ def matmul_rate(shapes, dtype, device, seconds=0.4, passes=3) -> float:
     return total_flops / total_time / 1e12
 
 
-def bench(name: str, precision: str, steps: int, device: torch.device, compile: bool = False) -> dict:
-    cfg = load_config(None, CONFIGS[name] + [f"train.precision={precision}", "optim.warmup_steps=1",
+def bench(name: str, precision: str, steps: int, device: torch.device, compile: bool = False,
+          sets: tuple = ()) -> dict:
+    cfg = load_config(None, CONFIGS[name] + list(sets) + [f"train.precision={precision}", "optim.warmup_steps=1",
                                              f"train.steps={steps + 2}", "train.eval_interval=0"])
     vocab = cfg.model.padded_vocab()
     model = build_model(cfg.model, device, seed=0).to(param_dtype(precision))
@@ -145,13 +146,13 @@ def bench(name: str, precision: str, steps: int, device: torch.device, compile: 
 
 
 def bench_tree(tree: Path, name: str, precision: str, steps: int, device: torch.device,
-               compile: bool = False) -> dict:
+               compile: bool = False, sets: tuple = ()) -> dict:
     """``bench`` in a fresh process, timing the ``mtnlg`` package of checkout ``tree``."""
     here = Path(__file__).resolve().parent
     code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); import mtnlg, torch; "
             f"assert mtnlg.__file__.startswith({str(tree)!r}), mtnlg.__file__; "
             f"sys.path.insert(0, {str(here)!r}); from train_throughput import bench; "
-            f"print(json.dumps(bench({name!r}, {precision!r}, {steps}, torch.device({str(device)!r}), {compile!r})))")
+            f"print(json.dumps(bench({name!r}, {precision!r}, {steps}, torch.device({str(device)!r}), {compile!r}, {tuple(sets)!r})))")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -192,6 +193,8 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="comma list of: " + ", ".join(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every row, e.g. --set train.micro_batch=8 (repeatable)")
     p.add_argument("--baseline", type=Path, help="another checkout: print before (it) / after (this) rows")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs per row, each in a fresh process (median reported); with --baseline, alternating "
@@ -204,19 +207,21 @@ def main() -> None:
         return
     peak = device_peak_tflops(device)
     print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)}, peak {peak} TFLOP/s)" if device.type == "cuda" else "")
-          + f" | torch {torch.__version__} | threads {torch.get_num_threads()}")
+          + f" | torch {torch.__version__} | threads {torch.get_num_threads()}"
+          + (f" | {' '.join(args.set)}" if args.set else ""))
     header = f"{'config':<8} {'params':>8} {'precision':<14} {'tokens/s':>10} {'model TFLOP/s':>14} {'matmul TFLOP/s':>15} {'MFU vs matmul':>14}"
     print(header)
     print("-" * len(header))
     for name in args.configs.split(","):
         for precision in args.precisions.split(","):
             if args.repeats > 1:  # fresh processes: one run's heap or threads don't shape the next
-                runs = [bench_tree(Path(__file__).resolve().parents[1], name, precision, args.steps, device, args.compile)
+                runs = [bench_tree(Path(__file__).resolve().parents[1], name, precision, args.steps, device,
+                                   args.compile, args.set)
                         for _ in range(args.repeats)]
                 r = {**runs[0], **{k: statistics.median(x[k] for x in runs)
                                    for k in ("tokens_per_s", "tflops", "matmul_tflops", "ratio")}}
             else:
-                r = bench(name, precision, args.steps, device, args.compile)
+                r = bench(name, precision, args.steps, device, args.compile, args.set)
             print(f"{r['config']:<8} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
                   f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
             if peak:

@@ -116,6 +116,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     async_save: bool = _f(False, "write checkpoints in a background thread while training continues (committed when the write completes)")
     threads: int = _f(0, "torch intra-op threads on CPU; 0 keeps torch's default")
+    deterministic: bool = _f(False, "deterministic kernels on CUDA (torch.use_deterministic_algorithms, cuBLAS "
+                                    "workspace, no cuDNN autotuning): bitwise-repeatable runs and resumes on a GPU, "
+                                    "at some speed; CPU runs are deterministic without it")
 
 
 @dataclass

@@ -15,7 +15,8 @@ excluding ops it called), so the classes add up without double counting:
     idle           step wall time the profiler saw no op in: Python overhead,
                    waiting for other ranks (the pipeline bubble), allocator
 
-On CUDA the same table uses device (kernel) time where it exists.
+On CUDA the same table counts kernel (device) time only, each kernel once, in the class of
+the op that launched it; idle is then the time the GPU ran no kernel.
 """
 from __future__ import annotations
 
@@ -80,17 +81,55 @@ def _labelled_ancestor(e) -> str | None:
     return None
 
 
+def _class_of(e) -> str:
+    name = getattr(e, "name", None) or e.key
+    return LABELS.get(name) or (_labelled_ancestor(e) if hasattr(e, "cpu_parent") else None) or classify(name)
+
+
+def _own_kernel_us(e) -> float:
+    """Device time of the kernels ``e`` itself launched.  A record_function region (the
+    trainer's labels, ``Optimizer.step``) also gets a GPU-side span of its own name attached
+    as if a kernel, covering its children's kernels and the gaps between them: not counted."""
+    kernels = getattr(e, "kernels", None)
+    if kernels is None:
+        return e.self_device_time_total
+    return sum(k.duration for k in kernels if k.name != e.name)
+
+
+def _is_annotation(k, cpu_names: set) -> bool:
+    return bool(getattr(k, "is_user_annotation", False)) or k.name in cpu_names
+
+
 def tally(events, use_device: bool = False) -> dict[str, float]:
-    """Seconds of self time per class over profiler events (``prof.events()``): an event
-    inside a labelled region (data, optimizer) counts for that region, any other by its name."""
+    """Seconds per class over profiler events (``prof.events()``): an event inside a labelled
+    region (data, optimizer) counts for that region, any other by its name.
+
+    On CPU each op's self CPU time.  On a GPU (``use_device``) kernel time alone: each op's
+    own kernels (its self device time; the CPU time that launched them overlaps them and is
+    not counted), the kernel events themselves skipped (counting both counted every kernel
+    twice; a labelled region's GPU-side span is not a kernel), and kernel time no op launched
+    as other.  What is left of the
+    wall time is then the GPU's idle time: launch overhead, synchronisation, the bubble."""
     out = {c: 0.0 for c in CLASSES}
+    if use_device:
+        attributed, kernels, annotations = 0.0, [], set()
+        for e in events:
+            if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
+                annotations.add(e.name)
+                us = 0 if getattr(e, "is_async", False) else _own_kernel_us(e)
+                if us:
+                    out[_class_of(e)] += us / 1e6
+                    attributed += us
+            else:
+                kernels.append(e)
+        rest = sum(k.self_device_time_total for k in kernels if not _is_annotation(k, annotations)) - attributed
+        if rest > 0:  # kernels no op in the trace launched (not linked to one)
+            out["other"] += rest / 1e6
+        return out
     for e in events:
-        us = (getattr(e, "self_device_time_total", 0) if use_device else 0) or e.self_cpu_time_total
-        if not us:
-            continue
-        name = getattr(e, "name", None) or e.key
-        cls = LABELS.get(name) or (_labelled_ancestor(e) if hasattr(e, "cpu_parent") else None) or classify(name)
-        out[cls] += us / 1e6
+        us = e.self_cpu_time_total
+        if us:
+            out[_class_of(e)] += us / 1e6
     return out
 
 

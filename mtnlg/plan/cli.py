@@ -8,7 +8,7 @@ import sys
 from mtnlg.errors import UserError
 from mtnlg.plan.cluster import DEFAULT_CALIBRATION, GPUS, Calibration, make_cluster
 from mtnlg.plan.cost import GPU_PROFILES, DeviceProfile
-from mtnlg.plan.layout import RECOMPUTE, SCHEDULES, Layout
+from mtnlg.plan.layout import ATTENTION, RECOMPUTE, SCHEDULES, Layout
 from mtnlg.plan.memory import STATE_BYTES, model_state_bytes, reduces_per_step
 from mtnlg.plan.planner import plan_layout, search_layouts
 
@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(unsharded fp32 gradients held until then; default: parallel.zero_reduce)")
     g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="sequence parallelism with tp (default: parallel.sequence_parallel)")
+    g.add_argument("--attention", choices=ATTENTION, default="flash",
+                   help="attention kernel, for activation memory: flash (default; mtnlg's SDPA kernels keep no "
+                        "score matrix) or materialized (Megatron-2021's softmax keeps a*s^2 scores per layer)")
     g.add_argument("--recompute", choices=RECOMPUTE,
                    help="activation recomputation (default: full if train.activation_checkpointing else none; "
                         "all three when searching)")
@@ -117,14 +120,15 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{cluster.world_size} GPUs are not divisible by tp*pp = {tp * pp}")
         recompute = args.recompute or ("full" if cfg.train.activation_checkpointing else "none")
         layout = Layout(tp, pp, cluster.world_size // (tp * pp), args.micro_batch or cfg.train.micro_batch,
-                        args.schedule, v, args.zero, sp and tp > 1, recompute, zero_reduce)
+                        args.schedule, v, args.zero, sp and tp > 1, recompute, zero_reduce, args.attention)
         out = plan_layout(cfg.model, cluster, layout, batch, precision, calib)
         if args.dry_run:
             out["dry_run"] = _dry_run_report(cfg.model, layout, args.rank, out, precision)
     options = dict(tp=[args.tp] if args.tp else None, pp=[args.pp] if args.pp else None,
                    micro_batch=[args.micro_batch] if args.micro_batch else None,
                    recompute=[args.recompute] if args.recompute else None, zero=args.zero,
-                   sequence_parallel=sp, schedule=args.schedule, virtual_stages=v, zero_reduce=zero_reduce)
+                   sequence_parallel=sp, schedule=args.schedule, virtual_stages=v, zero_reduce=zero_reduce,
+                   attention=args.attention)
     if search or args.plot:
         plans = search_layouts(cfg.model, cluster, batch, precision, calib, include_unfit=True, **options)
     if search:

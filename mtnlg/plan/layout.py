@@ -15,6 +15,7 @@ from mtnlg.parallel.stages import SCHEDULE_NAMES, stage_block_ids, stage_layers 
 
 SCHEDULES = SCHEDULE_NAMES  # gpipe, 1f1b, interleaved, zb, zbv
 RECOMPUTE = ("none", "selective", "full")
+ATTENTION = ("flash", "materialized")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Layout:
     sequence_parallel: bool = False
     recompute: str = "full"      # none | selective | full
     zero_reduce: str = "micro_batch"  # ZeRO 2/3 in a pipeline: reduce-scatter per micro_batch, or once per step
+    attention: str = "flash"     # flash: SDPA's fused kernel (mtnlg's), keeps no score matrix; materialized: softmax(QK^T) kept
 
     @property
     def world_size(self) -> int:
@@ -55,6 +57,8 @@ def check_layout(cfg: ModelConfig, layout: Layout, global_batch: int) -> None:
         raise UserError(f"pp={L.pp} x {chunks} chunk(s) per stage exceeds n_layers={cfg.n_layers}")
     if L.recompute not in RECOMPUTE:
         raise UserError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {L.recompute!r}")
+    if L.attention not in ATTENTION:
+        raise UserError(f"attention must be one of {', '.join(ATTENTION)}, got {L.attention!r}")
     if L.zero not in (0, 1, 2, 3):
         raise UserError(f"ZeRO stage must be 0, 1, 2 or 3, got {L.zero}")
     if global_batch % (L.dp * L.micro_batch):

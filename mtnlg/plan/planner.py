@@ -95,7 +95,8 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, *, tp: list[int] | None = None,
                       pp: list[int] | None = None, micro_batch: list[int] | None = None,
                       recompute: list[str] | None = None, zero: int = 0, sequence_parallel: bool = False,
-                      schedule: str = "1f1b", virtual_stages: int = 1, zero_reduce: str = "micro_batch") -> list[Layout]:
+                      schedule: str = "1f1b", virtual_stages: int = 1, zero_reduce: str = "micro_batch",
+                      attention: str = "flash") -> list[Layout]:
     """Every layout of the cluster's GPUs that the model and batch allow."""
     N = cluster.world_size
     out = []
@@ -106,7 +107,8 @@ def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, *, 
             for b in micro_batch or [1, 2, 4, 8]:
                 for r in recompute or list(RECOMPUTE):
                     v = virtual_stages if schedule in ("interleaved", "zb") else 1
-                    L = Layout(t, p, N // (t * p), b, schedule, v, zero, sequence_parallel and t > 1, r, zero_reduce)
+                    L = Layout(t, p, N // (t * p), b, schedule, v, zero, sequence_parallel and t > 1, r, zero_reduce,
+                               attention)
                     try:
                         check_layout(cfg, L, global_batch)
                     except UserError:

@@ -91,8 +91,14 @@ def load_targets(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.O
 
     def install() -> None:
         by_key = {name: p for name, p in named}
+        on_device = {id(q) for g in optimizer.param_groups if g.get("fused") or g.get("capturable")
+                     for q in g["params"]}
         for p, state in states:
             if state:
+                if id(p) in on_device and torch.is_tensor(state.get("step")):
+                    # fused / capturable AdamW keep the step count on the parameter's device (as
+                    # Optimizer.load_state_dict puts it); loaded on the CPU, the fused CUDA kernel refuses it
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 optimizer.state[p] = state
         with torch.no_grad():
             for p, key in after:

@@ -42,7 +42,7 @@ def config_digest(cfg: Config) -> str:
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "save_interval_minutes", "keep_checkpoints",
-                               "threads", "compile", "async_save")}
+                               "threads", "compile", "async_save", "deterministic")}
     if d.get("finetune") == to_dict(Config())["finetune"]:
         d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     if d["model"]["activation"] == ModelConfig().activation:

@@ -41,6 +41,34 @@ def test_kernels_inside_a_labelled_region_count_for_its_class():
     assert got["norm/elementwise"] == pytest.approx(1000e-6) and got["gemm"] == pytest.approx(2000e-6)
 
 
+class DeviceEvent:
+    """A profiler event on a GPU trace: ops (device_type CPU) carry the kernels they launched
+    (``kernels``: name, device, duration), and every kernel is an event of its own too."""
+    def __init__(self, name, device_us=0, parent=None, kind="DeviceType.CPU", cpu_us=1000, kernels=None):
+        from types import SimpleNamespace
+        self.name, self.cpu_parent, self.device_type = name, parent, kind
+        self.self_cpu_time_total, self.is_async = cpu_us, False
+        self.kernels = [SimpleNamespace(name=n, device=0, duration=us) for n, us in (kernels or [])]
+        self.self_device_time_total = device_us if kind != "DeviceType.CPU" else sum(k.duration for k in self.kernels)
+
+
+def test_on_a_gpu_each_kernel_counts_once_and_cpu_time_not_at_all():
+    # a labelled region gets its GPU-side span (its own name, 200 us over its children's
+    # kernels and the gaps between them) attached like a kernel: the span is no kernel
+    opt = DeviceEvent("mtnlg::optimizer", kernels=[("mtnlg::optimizer", 200)])
+    events = [DeviceEvent("aten::mm", kernels=[("sm90_xmma_gemm_bf16", 300)]),
+              DeviceEvent("sm90_xmma_gemm_bf16", 300, kind="DeviceType.CUDA"),
+              DeviceEvent("aten::view", cpu_us=5000),  # launches nothing: CPU time only
+              opt, DeviceEvent("mtnlg::optimizer", 200, kind="DeviceType.CUDA"),
+              DeviceEvent("aten::_foreach_mul_", parent=opt, kernels=[("multi_tensor_apply_kernel", 50)]),
+              DeviceEvent("multi_tensor_apply_kernel", 50, kind="DeviceType.CUDA"),
+              DeviceEvent("unlinked_kernel", 20, kind="DeviceType.CUDA")]
+    got = tally(events, use_device=True)
+    assert got["gemm"] == pytest.approx(300e-6) and got["optimizer"] == pytest.approx(50e-6)
+    assert got["other"] == pytest.approx(20e-6)
+    assert sum(got.values()) == pytest.approx(370e-6)  # the device's busy time, no more
+
+
 class Tokens:
     def __init__(self, n, s, v):
         self.a = np.random.default_rng(0).integers(0, v, size=(n, s + 1))

@@ -65,6 +65,30 @@ def test_activation_memory_korthikanti():
     assert activation_bytes_per_layer(BIG, 2, 1, False, "none") == 2 * sbh * 34 + 5 * a * s * s * 2
 
 
+def test_activation_memory_with_a_fused_attention_kernel_and_no_dropout():
+    """A flash kernel keeps no a·s² scores; dropout 0 keeps no residual masks (2 of the 10
+    bytes tp replicates).  The H100 measurement behind it: gpt-1.3b (24 layers, h 2048, 16
+    heads) at s = 2048, b = 4 x 4 micro-batches held 38.4 GB; 36.4 GB planned, 68.6 with
+    the score term."""
+    s, b, h, t = 2048, 1, 20480, 8
+    sbh = s * b * h
+    flash = dict(attention="flash")
+    assert activation_bytes_per_layer(BIG, b, t, False, "none", **flash) == sbh * (10 + 3)
+    assert activation_bytes_per_layer(BIG, b, t, True, "none", **flash) == sbh * 34 / 8
+    assert activation_bytes_per_layer(BIG, b, t, False, "none", dropout=False, **flash) == sbh * (8 + 3)
+    assert activation_bytes_per_layer(BIG, b, t, True, "none", dropout=False, **flash) == sbh * 32 / 8
+    assert activation_bytes_per_layer(BIG, b, t, True, "full", dropout=False, **flash) == 2 * sbh / 8
+    from mtnlg.plan.cluster import make_cluster
+    cfg = load_config("configs/gpt-1.3b.toml", [])
+    cluster = make_cluster("h100-80gb", gpus=1, gpus_per_node=1)
+    run = dict(micro_batch=4, recompute="none")
+    flash_gb = plan_layout(cfg.model, cluster, Layout(**run), 16, "bf16")["memory_per_gpu_gb"]
+    scores_gb = plan_layout(cfg.model, cluster, Layout(**run, attention="materialized"), 16, "bf16")["memory_per_gpu_gb"]
+    # 24 layers x the score term, 5·a·s²·b bytes (dropout is 0 in this config: no masks either way)
+    assert scores_gb - flash_gb == pytest.approx(24 * 5 * 16 * 2048 * 2048 * 4 / 1e9, rel=1e-6)
+    assert abs(flash_gb / 38.4 - 1) < 0.15
+
+
 def test_in_flight_microbatches():
     assert in_flight_microbatches("1f1b", 4, 0, 16) == 4
     assert in_flight_microbatches("1f1b", 4, 3, 16) == 1
