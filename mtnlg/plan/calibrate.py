@@ -137,7 +137,9 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
         sec = time_call(fwd_bwd, device, budget_s)
         attn.append(3 * 4.0 * B * s * s * H * d / sec / 1e12)
 
-    n = 1 << 22
+    # 8 MB per tensor on a CPU; on a GPU 256 MB, since at 8 MB the add is its launch (an H200's
+    # 4.8 TB/s measured as 1.4 TB/s)
+    n = 1 << (27 if device.type == "cuda" else 22)
     x, y, z = (torch.randn(n, dtype=dt, device=device) for _ in range(3))
     mem = 3 * n * ab / time_call(lambda: torch.add(x, y, out=z), device, budget_s) / 1e9
     small = torch.randn(16, device=device, requires_grad=True)
