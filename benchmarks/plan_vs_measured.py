@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mtnlg.config import load_config  # noqa: E402
-from mtnlg.plan.cost import DeviceProfile, predict_memory, predict_step  # noqa: E402
+from mtnlg.plan.cost import DeviceProfile, predict_step  # noqa: E402
+from mtnlg.plan.local_memory import predict_memory  # noqa: E402
 
 CONFIGS = {
     "tiny": ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256",

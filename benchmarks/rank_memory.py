@@ -8,7 +8,7 @@ time after the first: separates what the steps hold from what ``mtnlg train`` ad
 
 It launches itself under ``torch.distributed.run`` for tp*dp > 1 (one thread per
 rank, as torchrun sets) and prints each rank's VmHWM next to
-``mtnlg.plan.cost.predict_memory`` without a device profile (so without the
+``mtnlg.plan.local_memory.predict_memory`` without a device profile (so without the
 measured loss footprint and runtime baseline: pass ``--baseline`` to run the
 same steps on a 1-layer width-64 model, the runtime's share).  ``--malloc`` samples
 glibc's account (``mtnlg.perf.alloc.malloc_stats``) every 2 ms during the steps and splits
@@ -85,7 +85,7 @@ def rank_main(args) -> None:
     hwm = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) * 1024
     # the first step builds the optimizer state (and any compile): the median of the others
     step_s = f"; median step {statistics.median(times[1:] or times):.3f} s" if times else ""
-    from mtnlg.plan.cost import predict_memory
+    from mtnlg.plan.local_memory import predict_memory
     if args.pp == 1:
         pred = predict_memory(cfg.model, None, micro_batch=cfg.train.micro_batch, tp=args.tp, dp=args.dp,
                               global_batch=cfg.train.global_batch)["bytes"]

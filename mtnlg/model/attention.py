@@ -28,7 +28,7 @@ Its error against an fp64 reference is that of SDPA's CPU kernel (checked in
 the backward, about B*H*T^2/2 bf16 values per layer (the causal lower
 triangle in blocks: 3.9 MB per layer at the 14M benchmark's shapes), so it is
 used only for sequences up to ``MAX_SEQ``; the planner's CPU memory model
-counts it (``mtnlg.plan.cost.predict_memory``).
+counts it (``mtnlg.plan.local_memory.predict_memory``).
 
 ``causal_attention`` picks this kernel or SDPA: this one for bf16 on CPU
 without dropout and ``T <= MAX_SEQ``, SDPA everywhere else (CUDA has its own

@@ -10,6 +10,8 @@ MT-NLG throughput table are in docs/plan.md.
     layout.py    the Layout dataclass, validation, stage split, rank placement
     memory.py    parameters per rank, ZeRO model state, activations (Korthikanti et al.)
     timing.py    compute, tp/pp/dp communication, bubble, optimizer step
+    cost.py      per-operation step-time model, device profiles (GPU datasheets, --calibrate)
+    local_memory.py  CPU peak bytes per rank of a tp x dp run on this machine (--local)
     planner.py   plan_layout and search_layouts
     dryrun.py    build one rank's shard on the meta device under a fake process group
     cli.py       options, tables, JSON, PNG

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from mtnlg.errors import UserError
 from mtnlg.io import write_atomic
-from mtnlg.plan.cost import CATEGORIES, DeviceProfile, predict_memory, predict_step
+from mtnlg.plan.cost import CATEGORIES, DeviceProfile, predict_step
+from mtnlg.plan.local_memory import predict_memory
 
 DEFAULT_PROFILE = Path.home() / ".cache" / "mtnlg" / "device-profile.json"
 
