@@ -106,6 +106,8 @@ class TrainConfig:
     precision: str = _f("bf16-autocast", "fp32 | bf16-autocast (fp32 weights, bf16 matmuls) | bf16 (pure bf16 weights with fp32 optimizer master copy) | fp16 (autocast with dynamic loss scaling)")
     activation_checkpointing: bool = _f(False, "recompute each block's activations in backward")
     compile: bool = _f(False, "torch.compile the model")
+    compiled_regions: bool = _f(True, "bf16 on CPU: the MLP's bias + GeLU as one torch.compile'd region "
+                                      "(mtnlg.model.regions, compiled once per process); false runs eager PyTorch")
     seed: int = _f(1234, "seed for weights, dropout and data order")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda")
     eval_interval: int = _f(100, "compute validation loss every N steps (0 disables; always at the end)")

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtnlg.config import ModelConfig, gelu_approximation
+from mtnlg.model.bias_gelu import linear_gelu
 from mtnlg.model.attention import causal_attention
 
 
@@ -119,7 +120,7 @@ class MLP(nn.Module):
         self.approximate = gelu_approximation(cfg.activation)  # "tanh" (GPT-2) or "none" (erf, Megatron)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        return self.drop(self.proj(linear_gelu(x, self.fc, self.approximate)))
 
 
 class Block(nn.Module):

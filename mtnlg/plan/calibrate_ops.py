@@ -9,9 +9,10 @@ shapes of the configs being calibrated:
 
     layernorm    F.layer_norm forward + backward            per element of the input
     gelu         tanh GeLU forward + backward               per element of the input
-                 (model.activation = gelu_tanh; the kind's name predates the option)
+                 (model.activation = gelu_tanh; the kind's name predates the option), as the
+                 model runs it: bf16 on CPU the compiled bias + GeLU region (mtnlg.model.bias_gelu)
     gelu_erf     exact erf GeLU forward + backward          per element of the input
-                 (model.activation = gelu)
+                 (model.activation = gelu), the same way
     add          an out-of-place add (residual stream)      per element
     copy         a layout copy (transpose -> contiguous)    per element
     bias_grad    a column sum (a Linear's bias gradient)    per element summed
@@ -62,6 +63,20 @@ def _per_elem(fn, n: int, budget_s: float) -> float:
     return _time(fn, budget_s) / n * 1e9
 
 
+def _activation(u: torch.Tensor, gu: torch.Tensor, approximate: str):
+    """The MLP's GeLU forward + backward as the model runs it at this shape: the compiled
+    bias + GeLU region where ``mtnlg.model.bias_gelu`` uses it (bf16 on CPU, large enough),
+    else ``F.gelu`` (the unfused path's bias add is in the GEMM)."""
+    from mtnlg.model import regions
+    from mtnlg.model.bias_gelu import _REGIONS, bias_gelu
+    fused = (u.device.type == "cpu" and u.dtype == torch.bfloat16 and u.numel() >= regions.MIN_ELEMS
+             and all(r.usable() for r in _REGIONS[approximate]))
+    if fused:
+        bias = torch.zeros(u.shape[-1], dtype=u.dtype, requires_grad=True)
+        return lambda: bias_gelu(u, bias, approximate).backward(gu)
+    return lambda: F.gelu(u, approximate=approximate).backward(gu)
+
+
 def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 0.05) -> dict[str, float]:
     """ns per element of each kind, the median over the configs' shapes (bf16)."""
     dt = torch.bfloat16
@@ -78,9 +93,8 @@ def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 
         got.setdefault("layernorm", []).append(_per_elem(ln, T * h, budget_s))
         u = torch.randn(B, s, f, dtype=dt, requires_grad=True)
         gu = torch.randn(B, s, f, dtype=dt)
-        got.setdefault("gelu", []).append(_per_elem(lambda: F.gelu(u, approximate="tanh").backward(gu), T * f,
-                                                    budget_s))
-        got.setdefault("gelu_erf", []).append(_per_elem(lambda: F.gelu(u).backward(gu), T * f, budget_s))
+        for kind, approximate in (("gelu", "tanh"), ("gelu_erf", "none")):
+            got.setdefault(kind, []).append(_per_elem(_activation(u, gu, approximate), T * f, budget_s))
         y = torch.randn(B, s, h, dtype=dt)
         got.setdefault("add", []).append(_per_elem(lambda: torch.add(g, y), T * h, budget_s))
         qkv = torch.randn(B, s, H, 3 * cfg.head_dim, dtype=dt)

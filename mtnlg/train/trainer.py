@@ -25,6 +25,8 @@ from torch.distributed.tensor import DTensor
 from mtnlg.config import Config, ModelConfig, to_dict
 from mtnlg.errors import UserError
 from mtnlg.model.flops import flops_per_token
+from mtnlg.config import gelu_approximation
+from mtnlg.model import bias_gelu, regions
 from mtnlg.perf.alloc import keep_freed_memory
 from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.loss import IGNORE_INDEX, cross_entropy_fp32  # noqa: F401 (IGNORE_INDEX: re-exported)
@@ -42,7 +44,7 @@ def config_digest(cfg: Config) -> str:
     d["padded_vocab"] = cfg.model.padded_vocab(cfg.parallel.tp)  # ...with the same table size
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("steps", "eval_interval", "save_interval", "save_interval_minutes", "keep_checkpoints",
-                               "threads", "compile", "async_save", "deterministic")}
+                               "threads", "compile", "compiled_regions", "async_save", "deterministic")}
     if d.get("finetune") == to_dict(Config())["finetune"]:
         d.pop("finetune")  # pretraining runs keep the digest they had before fine-tuning existed
     if d["model"]["activation"] == ModelConfig().activation:
@@ -80,6 +82,12 @@ class Trainer:
         self.precision = cfg.train.precision
         self.peak_tflops = peak_tflops
         self.params = [p for p in model.parameters() if p.requires_grad]
+        regions.set_enabled(cfg.train.compiled_regions)
+        if (device.type == "cpu" and regions.enabled() and cfg.parallel.tp == 1
+                and any(p.dtype == torch.bfloat16 for p in self.params)):
+            # compile the MLP's bias + GeLU region before the allocator settings below (mtnlg.model.regions)
+            bias_gelu.warm_up(gelu_approximation(cfg.model.activation),
+                              cfg.train.micro_batch * cfg.model.seq_len * cfg.model.ffn)
         if device.type == "cpu":  # reuse the step's freed memory instead of faulting in fresh pages
             keep_freed_memory()
         # bf16 parameters get an fp32 master copy; under ZeRO (FSDP) the parameters stay fp32 shards and

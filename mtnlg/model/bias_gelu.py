@@ -1,0 +1,138 @@
+"""The MLP's bias add and GeLU as one compiled region for bf16 on CPU (Megatron's bias-GeLU fusion).
+
+Unfused, a bf16 CPU step spends on the MLP's first linear and its activation
+(14M benchmark shapes, 8 x 256 x 1536, per layer, in the step):
+
+* ``addmm`` first copies the broadcast bias into its output, a pass over the
+  output that inside a step goes to DRAM (~1.2 ms);
+* PyTorch's tanh GeLU evaluates ``tanh`` through Sleef at ~3x the cost of the
+  ``exp`` in a sigmoid (forward 4.6 ms, backward 4.9 ms);
+* the bias gradient is one more pass over the gradient (``sum`` over rows).
+
+Here the first linear runs without its bias and one compiled region
+(``mtnlg.model.regions``) takes the bf16 GEMM output ``x`` and the bias:
+
+* forward: the pre-activation ``y = x + b`` and the GeLU in fp32, rounded once
+  to bf16; the tanh form through its exact identity
+  ``0.5 (1 + tanh(u)) = sigmoid(2u)``, ``u = sqrt(2/pi) (y + 0.044715 y^3)``;
+* backward: recomputes ``y`` and the sigmoid from ``x`` (only ``x`` and the
+  bias are kept, as PyTorch's GeLU keeps its input) and returns the input
+  gradient rounded once; the bias gradient is its sum over rows, as in
+  ``addmm``'s backward.
+
+Isolated fc + activation forward and backward at those shapes: 16.6-17.0 ms
+against 19.5-19.9 ms unfused, the GEMMs alone 12.2-12.5 ms (a one-off
+script); the whole 14M step: README "Performance".
+
+The one numerical difference from the unfused path is where the bias meets
+the GEMM: ``addmm`` adds it to the fp32 accumulator before rounding, here it
+is added to the bf16-rounded product (one more rounding of the
+pre-activation, at most half a bf16 ulp of ``x``).  The errors against an
+fp64 reference are checked to be at the unfused path's level in
+``tests/model/test_bias_gelu.py``.
+
+``linear_gelu`` uses the region in training (gradients enabled) for bf16 on
+CPU with plain tensors and at least ``regions.MIN_ELEMS`` activation elements;
+inference (no first-request compile in a server), a tensor-parallel or
+otherwise hooked linear, CUDA, fp32 and small calls keep the unfused path.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtnlg.model import regions
+
+_K2 = 2.0 * math.sqrt(2.0 / math.pi)  # 2u = y (K2 + K2 A y^2)
+_A = 0.044715
+
+
+def _fwd_tanh(x, b):
+    y = x.float() + b.float()
+    return (y * torch.sigmoid(y * (_K2 + _K2 * _A * y * y))).to(x.dtype)
+
+
+def _bwd_tanh(g, x, b):
+    y = x.float() + b.float()
+    s = torch.sigmoid(y * (_K2 + _K2 * _A * y * y))
+    d = g.float() * (s + y * (_K2 + 3 * _K2 * _A * y * y) * s * (1 - s))  # gelu'(y) = s + y s (1 - s) d(2u)/dy
+    return d.to(x.dtype)
+
+
+def _fwd_erf(x, b):
+    return F.gelu(x.float() + b.float()).to(x.dtype)
+
+
+def _bwd_erf(g, x, b):
+    return torch.ops.aten.gelu_backward(g.float(), x.float() + b.float()).to(x.dtype)
+
+
+_REGIONS = {"tanh": (regions.Region(_fwd_tanh, "bias_gelu_tanh"), regions.Region(_bwd_tanh, "bias_gelu_tanh_bwd")),
+            "none": (regions.Region(_fwd_erf, "bias_gelu_erf"), regions.Region(_bwd_erf, "bias_gelu_erf_bwd"))}
+
+
+def uses_fused_bias_gelu(x: torch.Tensor, fc: nn.Module, approximate: str = "tanh") -> bool:
+    """Whether ``linear_gelu`` runs the fused region for input ``x`` into linear ``fc``."""
+    if not (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and type(x) is torch.Tensor and isinstance(fc, nn.Linear) and fc.bias is not None):
+        return False
+    w, b = fc.weight, fc.bias
+    return (w.dtype == torch.bfloat16 and type(w.data) is torch.Tensor and type(b.data) is torch.Tensor
+            and not fc._forward_hooks and not fc._forward_pre_hooks
+            and x.numel() // max(1, x.shape[-1]) * w.shape[0] >= regions.MIN_ELEMS
+            and all(r.usable() for r in _REGIONS[approximate]))
+
+
+def linear_gelu(x: torch.Tensor, fc: nn.Linear, approximate: str) -> torch.Tensor:
+    """``F.gelu(fc(x), approximate)``, with the fused region where ``uses_fused_bias_gelu``."""
+    if not uses_fused_bias_gelu(x, fc, approximate):
+        return F.gelu(fc(x), approximate=approximate)
+    return bias_gelu(F.linear(x, fc.weight), fc.bias, approximate)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(x + bias)`` over the last dimension in fp32, rounded once to ``x.dtype``."""
+    if approximate not in _REGIONS:
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return _BiasGelu.apply(x, bias, approximate)
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        x2 = x.contiguous().view(-1, x.shape[-1])
+        ctx.save_for_backward(x2, bias)
+        ctx.approximate, ctx.in_shape = approximate, x.shape
+        return _REGIONS[approximate][0](x2, bias).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, bias = ctx.saved_tensors
+        gx = _REGIONS[ctx.approximate][1](grad.contiguous().view(x2.shape), x2, bias)
+        # the bias gradient from the rounded input gradient, as addmm's backward takes it: an eager
+        # sum (0.2-0.5 ms at the 14M shapes) beats Inductor's column reduction inside the region (+2.5 ms)
+        return gx.view(ctx.in_shape), (gx.sum(0) if ctx.needs_input_grad[1] else None), None
+
+
+def warm_up(approximate: str, activation_elems: int) -> None:
+    """Compile this activation's two regions now, on small tensors (one kernel serves every
+    shape), if the model's MLP activation of ``activation_elems`` elements will use them; then
+    hand the compiler's freed memory back to the OS before the trainer's steps start."""
+    fwd, bwd = _REGIONS[approximate]
+    if activation_elems < regions.MIN_ELEMS or not (fwd.usable() and bwd.usable()):
+        return
+    x = torch.zeros(16, 64, dtype=torch.bfloat16)
+    b = torch.zeros(64, dtype=torch.bfloat16)
+    fwd(x, b)
+    bwd(x, x, b)
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
