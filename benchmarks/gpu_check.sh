@@ -22,7 +22,7 @@ status=0
 RUN1_3B=(--gpus 1 --gpus-per-node 1 --tp 1 --pp 1 --micro-batch 4 --global-batch 16 --recompute none --precision bf16)
 echo "== 1. pytest -m gpu"
 # only the files with GPU tests: collecting the others needs every optional extra (lm-eval, fastapi...)
-timeout 300 $PY -m pytest -q -p no:cacheprovider -m gpu $(grep -rl "pytest.mark.gpu" tests) 2>&1 | tail -15 \
+timeout 300 $PY -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu $(grep -rl "pytest.mark.gpu" tests) 2>&1 | tail -40 \
   | tee "$OUT/pytest-gpu.txt" || status=1
 echo "== 2. gpt-1.3b, seq 2048, bf16, one GPU: eager"
 timeout 300 $PY benchmarks/train_throughput.py --device cuda --configs gpt-1.3b --precisions bf16 --steps 8 --repeats 1 \
