@@ -179,7 +179,8 @@ def main() -> None:
                 pred = predict_step(cfg.model, prof, micro_batch=cfg.train.micro_batch,
                                     global_batch=cfg.train.global_batch, tp=tp, dp=dp, precision="bf16")
                 mem = predict_memory(cfg.model, prof, micro_batch=cfg.train.micro_batch, tp=tp, dp=dp,
-                                     precision="bf16", global_batch=cfg.train.global_batch)
+                                     precision="bf16", global_batch=cfg.train.global_batch,
+                                     compiled_regions=cfg.train.compiled_regions)
                 meas = measure_quiet(lambda: run_measured(name, tp, dp, args.steps, data, tok, work))
                 row = {"config": name, "layout": lay, "pred_step_s": pred["seconds"], "meas_step_s": meas["step_s"],
                        "pred_rss_gb": mem["bytes"] / 1e9, "meas_rss_gb": meas["peak_rss_gb"],

@@ -251,6 +251,7 @@ def measure_link(world: int = 2, cfgs=(), micro_batch: int = 1, budget_s: float 
 
 
 _BASELINE = """
+import sys
 import tempfile
 from pathlib import Path
 import numpy as np
@@ -259,6 +260,9 @@ import mtnlg.data.samples, mtnlg.parallel.setup, mtnlg.train.dcp, mtnlg.train.ru
 from mtnlg.config import load_config
 from mtnlg.model.gpt import build_model
 from mtnlg.train.trainer import Trainer
+if len(sys.argv) > 1:  # with the compiled regions a large model's trainer compiles at start
+    from mtnlg.model import bias_gelu, regions
+    bias_gelu.warm_up("tanh", regions.MIN_ELEMS)
 cfg = load_config(None, ["model.n_layers=1", "model.hidden=64", "model.n_heads=2", "model.seq_len=32",
                          "model.vocab_size=256", "train.micro_batch=2", "train.global_batch=4", "train.precision=bf16"])
 model = build_model(cfg.model, torch.device("cpu"), seed=0).to(torch.bfloat16)
@@ -275,15 +279,30 @@ print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM"
 """
 
 
-def baseline_rss_gb() -> float:
+def baseline_rss_gb(regions: bool = False) -> float:
     """Resident memory of the training runtime itself: the peak (VmHWM) of a fresh process
     that imported what `mtnlg train` loads and ran two steps of a negligible model (1 layer,
     width 64, 50 k parameters): torch, the libraries, thread pools, the autograd engine and
     kernel caches.  (VmHWM is the process's own peak: ru_maxrss would carry over the peak
-    of the forked calibrating parent across exec.)"""
-    out = subprocess.run([sys.executable, "-c", _BASELINE], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    of the forked calibrating parent across exec.)  ``regions``: the same process after the
+    trainer's start-up compile of the bias + GeLU region (``mtnlg.model.bias_gelu.warm_up``)."""
+    out = subprocess.run([sys.executable, "-c", _BASELINE] + (["regions"] if regions else []), capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return int(out.stdout.split()[-1]) * 1024 / 1e9
+
+
+def region_rss_gb(base: float) -> float:
+    """What the compiled region's start-up compile adds to a training process's resident
+    memory (Inductor and its generated code; a config whose MLP activation reaches
+    ``regions.MIN_ELEMS`` pays it): the baseline process with it less ``base``; 0 where
+    compiling is off or fails."""
+    from mtnlg.model import regions
+    if not regions.enabled():
+        return 0.0
+    try:
+        return max(0.0, baseline_rss_gb(regions=True) - base)
+    except subprocess.CalledProcessError:
+        return 0.0
 
 
 def _heap_slack(cfgs, micro_batch: int) -> float:
@@ -369,8 +388,9 @@ def calibrate(cfgs: list[ModelConfig], micro_batch: int, device: torch.device, p
             rates[t] = replace(rates[t], kind_ns={**rates[t].kind_ns, **kinds})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    base = baseline_rss_gb() if device.type == "cpu" else 0.0
     return DeviceProfile(name=name, source=f"measured {when} on {socket.gethostname()} ({device.type}, {precision})",
-                         rates=rates, link_gbps=bw, link_latency_us=lat,
-                         baseline_rss_gb=baseline_rss_gb() if device.type == "cpu" else 0.0,
+                         rates=rates, link_gbps=bw, link_latency_us=lat, baseline_rss_gb=base,
+                         region_rss_gb=region_rss_gb(base) if device.type == "cpu" else 0.0,
                          heap_slack_bytes=_heap_slack(cfgs, micro_batch) if device.type == "cpu" else 0.0,
                          cores=cores, extra={"precision": precision, "details": details})

@@ -13,6 +13,8 @@ shapes of the configs being calibrated:
                  model runs it: bf16 on CPU the compiled bias + GeLU region (mtnlg.model.bias_gelu)
     gelu_erf     exact erf GeLU forward + backward          per element of the input
                  (model.activation = gelu), the same way
+    gelu_eager, gelu_erf_eager  the same through F.gelu: the unfused path tensor-parallel
+                 MLPs take (DTensor weights)
     add          an out-of-place add (residual stream)      per element
     copy         a layout copy (transpose -> contiguous)    per element
     bias_grad    a column sum (a Linear's bias gradient)    per element summed
@@ -95,6 +97,8 @@ def elementwise_ns(cfgs: list[ModelConfig], micro_batch: int, budget_s: float = 
         gu = torch.randn(B, s, f, dtype=dt)
         for kind, approximate in (("gelu", "tanh"), ("gelu_erf", "none")):
             got.setdefault(kind, []).append(_per_elem(_activation(u, gu, approximate), T * f, budget_s))
+            got.setdefault(kind + "_eager", []).append(  # the unfused path (tensor parallel, small calls)
+                _per_elem(lambda a=approximate: F.gelu(u, approximate=a).backward(gu), T * f, budget_s))
         y = torch.randn(B, s, h, dtype=dt)
         got.setdefault("add", []).append(_per_elem(lambda: torch.add(g, y), T * h, budget_s))
         qkv = torch.randn(B, s, H, 3 * cfg.head_dim, dtype=dt)

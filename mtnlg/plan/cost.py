@@ -66,6 +66,7 @@ class DeviceProfile:
     link_latency_us: float = 0.0          # per ring step
     baseline_rss_gb: float = 0.0          # CPU: resident memory of a process with torch + mtnlg loaded
     heap_slack_bytes: float = 0.0         # CPU: heap resident beyond its most in use, per activation element
+    region_rss_gb: float = 0.0            # CPU: what compiling the bias + GeLU region adds (Inductor's runtime)
     cores: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -152,6 +153,16 @@ def _gemm(name: str, m: int, k: int, n: int, ab: int) -> list[Op]:
     return out
 
 
+def uses_compiled_regions(cfg: ModelConfig, micro_batch: int, tp: int, precision: str, enabled: bool = True) -> bool:
+    """Whether a CPU run's MLP takes the compiled bias + GeLU region (``mtnlg.model.bias_gelu``):
+    bf16, plain-tensor weights at forward time (not tensor-parallel; FSDP/replicate unshard
+    theirs to plain bf16 tensors) and a micro-batch activation of ``regions.MIN_ELEMS`` elements
+    or more (measured: region calls in dp=2, none at tp=2)."""
+    from mtnlg.model import regions  # torch: only this CPU-local prediction needs it
+    return (enabled and precision == "bf16" and tp == 1
+            and micro_batch * cfg.seq_len * cfg.ffn >= regions.MIN_ELEMS)
+
+
 def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, layers: int | None = None,
              first: bool = True, last: bool = True, vocab: int | None = None, precision: str = "bf16",
              recompute: str = "none") -> list[Op]:
@@ -179,7 +190,8 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
         ("attn_out_layout", "copy", 5 * T * h // tp, 2 * Tha / tp, 1),  # transpose back fwd, bwd; SDPA's zeroed grads
         ("bias_add", "copy", lin_out, 0.0, 0),                          # addmm copies the bias into its output
         ("bias_grad", "bias_grad", lin_out, lin_out * ab / 3, 1),       # column sums in the Linears' backward
-        ("gelu", GELU_KINDS[cfg.activation], T * f // tp, 2 * T * f // tp * ab, 1)]
+        ("gelu", GELU_KINDS[cfg.activation] + ("" if uses_compiled_regions(cfg, micro_batch, tp, precision)
+                                               else "_eager"), T * f // tp, 2 * T * f // tp * ab, 1)]
     if drop:
         ew += [("dropout", "add", 2 * 3 * T * h, 2 * 3 * Tha, 2)]
     for name, kind, elems, nbytes, count in ew:
@@ -243,8 +255,9 @@ def op_seconds(op: Op, r: Rates, precision: str = "bf16") -> float:
         return per * op.flops / (2.0 * m * k * n)
     if op.category == "attention":
         return op.flops / (r.attn_tflops * 1e12) + op.count * r.op_overhead_us * 1e-6
-    if op.kind in r.kind_ns:  # timed as the step calls it, dispatch included
-        return op.elems * r.kind_ns[op.kind] * 1e-9
+    kind = op.kind if op.kind in r.kind_ns else op.kind.removesuffix("_eager")  # profiles before the region
+    if kind in r.kind_ns:  # timed as the step calls it, dispatch included
+        return op.elems * r.kind_ns[kind] * 1e-9
     return op.bytes / (r.mem_gbps * 1e9) + op.count * r.op_overhead_us * 1e-6
 
 

@@ -44,7 +44,7 @@ def run_local(args: argparse.Namespace) -> int:
     step = predict_step(cfg.model, prof, micro_batch=mb, global_batch=gb, tp=tp, dp=dp, precision=precision,
                         recompute=recompute, zero=args.zero)
     mem = predict_memory(cfg.model, prof, micro_batch=mb, tp=tp, dp=dp, zero=args.zero, precision=precision,
-                         global_batch=gb)
+                         global_batch=gb, compiled_regions=cfg.train.compiled_regions)
     if args.json:
         print(json.dumps({"profile": prof.name, "source": prof.source, "tp": tp, "dp": dp, **step,
                           "memory": mem}, indent=1))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
-from mtnlg.plan.cost import DeviceProfile, local_params
+from mtnlg.plan.cost import DeviceProfile, local_params, uses_compiled_regions
 
 
 def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_batch: int, tp: int = 1, dp: int = 1,
-                   zero: int = 0, precision: str = "bf16", global_batch: int | None = None) -> dict:
+                   zero: int = 0, precision: str = "bf16", global_batch: int | None = None,
+                   compiled_regions: bool = True) -> dict:
     """Peak bytes of one rank of a tp x dp run (no pipeline) on a CPU, by part.
 
     States per local parameter, as the trainer and ``mtnlg.parallel.data`` keep them:
@@ -35,7 +36,9 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     (``mtnlg.model.attention.probability_bytes``, about b·a·s²/2 bf16 per layer).  The logits,
     kept for the loss's backward, and what the loss adds at its peak: measured by ``--calibrate`` per logit element (``loss_bytes``,
     ``loss_tp_bytes`` for the vocabulary-parallel loss on DTensor logits), else its fp32
-    log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg), and
+    log-softmax and gradient (8 bytes).  Plus the process's resident baseline (torch, mtnlg), what
+    compiling the bias + GeLU region adds where the run uses it (``uses_compiled_regions``;
+    Inductor's runtime, ``region_rss_gb``, measured by ``--calibrate``), and
     the heap's slack: glibc's heap, never trimmed under the trainer's settings, stays at its
     high-water mark, above the most bytes it holds at once by the holes the step's freed
     activations leave (``calibrate_heap``: measured per activation element, L·s·b·h, alike in
@@ -87,8 +90,10 @@ def predict_memory(cfg: ModelConfig, profile: DeviceProfile | None, *, micro_bat
     parts["logits_and_loss"] = T * V / tp * (ab + per_logit)
     parts["baseline"] = (profile.baseline_rss_gb * 1e9) if profile else 0.0
     parts["heap_slack"] = (profile.heap_slack_bytes * cfg.n_layers * sbh) if profile else 0.0
+    parts["compiled_regions"] = (profile.region_rss_gb * 1e9 if profile and uses_compiled_regions(
+        cfg, micro_batch, tp, precision, compiled_regions) else 0.0)
     at_loss = sum(parts.values())
-    keep = ("weights", "optimizer", "baseline", "heap_slack")  # after the backward: no activations
+    keep = ("weights", "optimizer", "baseline", "heap_slack", "compiled_regions")  # after the backward: no activations
     at_end = sum(parts[k] for k in keep) + all_grads
     if at_end > at_loss:
         parts = {k: (all_grads if k == "gradients" else v if k in keep else 0.0) for k, v in parts.items()}

@@ -92,3 +92,20 @@ def test_gradients_alive_at_the_peak_by_hand():
     end = predict_memory(wide, None, micro_batch=1, global_batch=1)
     assert end["peak"] == "end of backward" and end["bytes"] == 20 * nw
     assert end["parts"]["activations"] == 0 and end["parts"]["gradients"] == 6 * nw
+
+
+def test_the_compiled_regions_runtime_counts_where_the_run_uses_them():
+    """Compiling the bias + GeLU region adds Inductor's runtime to a process (``region_rss_gb``,
+    measured by --calibrate): counted for bf16 runs whose weights are plain tensors at forward
+    time (one process, data parallel) and whose micro-batch activation reaches MIN_ELEMS; not
+    at tp=2 (DTensor weights: the unfused path), not in fp32, not below MIN_ELEMS, not off."""
+    from mtnlg.model import regions
+    prof = DeviceProfile("x", "test", {1: HAND}, cores=1, region_rss_gb=0.25)
+    cfg = load_config(None, ["model.n_layers=2", "model.hidden=256", "model.n_heads=4", "model.seq_len=256"]).model
+    big = regions.MIN_ELEMS // (cfg.seq_len * cfg.ffn)  # micro-batch whose activation is exactly MIN_ELEMS
+    assert big * cfg.seq_len * cfg.ffn == regions.MIN_ELEMS
+    part = lambda **kw: predict_memory(cfg, prof, **kw)["parts"]["compiled_regions"]  # noqa: E731
+    assert part(micro_batch=big) == part(micro_batch=big, dp=2) == 0.25e9
+    assert part(micro_batch=big, tp=2) == part(micro_batch=big - 1) == part(micro_batch=big, precision="fp32") == 0
+    assert part(micro_batch=big, compiled_regions=False) == 0
+    assert predict_memory(cfg, None, micro_batch=big)["parts"]["compiled_regions"] == 0  # no profile, no figure
