@@ -66,7 +66,9 @@ def classify(name: str) -> str:
 # sliced loss's (its casts, copies and scaling are the loss: 35 of ~40 ms at the 14M shapes)
 LABELS = {"mtnlg::data": "data", "mtnlg::optimizer": "optimizer",
           "_CausalGemmAttention": "attention", "_CausalGemmAttentionBackward": "attention",
-          "_ChunkedCrossEntropy": "softmax/loss", "_ChunkedCrossEntropyBackward": "softmax/loss"}
+          "_ChunkedCrossEntropy": "softmax/loss", "_ChunkedCrossEntropyBackward": "softmax/loss",
+          # the compiled bias + GeLU region (mtnlg.model.bias_gelu): its Inductor kernels carry no aten name
+          "_BiasGelu": "norm/elementwise", "_BiasGeluBackward": "norm/elementwise"}
 _MISSING = object()
 
 

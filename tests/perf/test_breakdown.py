@@ -39,6 +39,10 @@ def test_kernels_inside_a_labelled_region_count_for_its_class():
     assert got["softmax/loss"] == pytest.approx(505e-6)
     assert got["attention"] == pytest.approx(407e-6)
     assert got["norm/elementwise"] == pytest.approx(1000e-6) and got["gemm"] == pytest.approx(2000e-6)
+    # the compiled bias + GeLU region's kernels (Inductor names, no aten op) are elementwise work
+    gelu = Event("_BiasGeluBackward", 3)
+    got = tally([gelu, Event("CompiledFunction", 900, gelu), Event("cpp_fused_add_mul_sigmoid_0", 50, gelu)])
+    assert got["norm/elementwise"] == pytest.approx(953e-6) and got["other"] == 0
 
 
 class DeviceEvent:
