@@ -75,11 +75,12 @@ def order(pairs: int) -> list[bool]:
     return out
 
 
-def run(config: str, switch, pairs: int, warmup: int, precision: str, sets: list[str]) -> dict:
+def run(config: str, switch, pairs: int, warmup: int, precision: str, sets: list[str],
+        device: str = "cpu") -> dict:
     steps = warmup * 2 + pairs * 2
     cfg = load_config(None, CONFIGS[config] + list(sets) + [f"train.precision={precision}", "optim.warmup_steps=1",
                                                             f"train.steps={steps + 1}", "train.eval_interval=0"])
-    device = torch.device("cpu")
+    device = torch.device(device)
     model = build_model(cfg.model, device, seed=0).to(param_dtype(precision))
     data = RandomTokens(cfg.train.global_batch * (steps + 1), cfg.model.seq_len, cfg.model.vocab_size)
     times = {False: [], True: []}
@@ -92,6 +93,8 @@ def run(config: str, switch, pairs: int, warmup: int, precision: str, sets: list
             switch(on)
             t0 = time.perf_counter()
             trainer.train_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             times[on].append(time.perf_counter() - t0)
     ratios = [b / a for a, b in zip(times[False], times[True])]
     lo, hi = median_interval(ratios)
@@ -107,13 +110,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed A/B pairs first")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16-autocast", "bf16"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     switch = resolve_switch(args.switch)
-    print(f"switch {args.switch}: A = False, B = True | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(f"switch {args.switch}: A = False, B = True | {args.device} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()}")
     head = f"{'config':<8} {'A ms/step':>10} {'B ms/step':>10} {'B/A time':>9} {'95% interval':>16} {'B speedup':>10}"
     print(head + "\n" + "-" * len(head))
     for name in args.configs.split(","):
-        r = run(name, switch, args.pairs, args.warmup, args.precision, args.set)
+        r = run(name, switch, args.pairs, args.warmup, args.precision, args.set, args.device)
         verdict = "faster" if r["hi"] < 1 else "slower" if r["lo"] > 1 else "no difference shown"
         print(f"{name:<8} {1e3 * r['a_s']:>10.1f} {1e3 * r['b_s']:>10.1f} {r['ratio']:>9.3f} "
               f"{r['lo']:>7.3f} - {r['hi']:<6.3f} {1 / r['ratio']:>9.3f}x  {verdict}", flush=True)
