@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import mtnlg.model.attention as A
 from mtnlg.config import ModelConfig
 from mtnlg.model.gpt import build_model
+from modelhelpers import loss_and_grads
 
 
 def reference(q, k, v, do):
@@ -99,16 +100,10 @@ def test_the_bf16_model_trains_through_the_kernel_and_matches_sdpa(monkeypatch):
     real = A._CausalGemmAttention.apply
     monkeypatch.setattr(A._CausalGemmAttention, "apply", lambda *a: calls.append(1) or real(*a))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
-
-    loss, grads = loss_and_grads()
+    loss, grads = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
     monkeypatch.setattr(A, "uses_gemm_kernel", lambda *a, **k: False)
-    loss_sdpa, grads_sdpa = loss_and_grads()
+    loss_sdpa, grads_sdpa = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
     assert abs(loss - loss_sdpa) < 1e-2 * loss_sdpa
     assert rel(grads.double(), grads_sdpa.double()) < 2e-2

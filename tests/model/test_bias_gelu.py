@@ -13,6 +13,7 @@ import mtnlg.model.bias_gelu as BG
 from mtnlg.config import ModelConfig
 from mtnlg.model import regions
 from mtnlg.model.gpt import build_model
+from modelhelpers import loss_and_grads
 
 
 def gelu64(y: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -114,16 +115,10 @@ def test_the_bf16_model_runs_the_region_in_every_layer_and_matches_unfused(monke
     real = BG._BiasGelu.apply
     monkeypatch.setattr(BG._BiasGelu, "apply", lambda *a: calls.append(1) or real(*a))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
-
-    loss, grads = loss_and_grads()
+    loss, grads = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
     monkeypatch.setitem(regions._state, "enabled", False)
-    loss_unfused, grads_unfused = loss_and_grads()
+    loss_unfused, grads_unfused = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
     assert abs(loss - loss_unfused) < 1e-2 * loss_unfused
     assert rel(grads, grads_unfused.double()) < 2e-2
