@@ -11,6 +11,7 @@ config (``--set`` may still change e.g. ``train.steps``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -98,19 +99,36 @@ def build_data(cfg: Config):
                           (n_train, n_eval, n_eval), cache_dir=cfg.data.cache_dir or None)
 
 
-def use_deterministic_kernels() -> None:
-    """Deterministic CUDA kernels (``train.deterministic``), so a run and its resume repeat
-    bitwise on the same GPU: PyTorch's strict deterministic mode (an op with no deterministic
-    kernel raises, naming itself; warn-only mode would leave SDPA's flash and memory-efficient
-    backward on their atomic-add paths and keep cuDNN attention, which has no deterministic
-    one), a fixed cuBLAS workspace and no cuDNN autotuning."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """Deterministic CUDA kernels (``train.deterministic``) for the run, so a run and its resume
+    repeat bitwise on the same GPU: PyTorch's strict deterministic mode (an op with no
+    deterministic kernel raises, naming itself; warn-only mode would leave SDPA's flash and
+    memory-efficient backward on their atomic-add paths and keep cuDNN attention, which has no
+    deterministic one), a fixed cuBLAS workspace and no cuDNN autotuning.  The process's
+    previous settings come back afterwards (``run`` is also called in-process)."""
+    if not on:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call reads it
     torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, _ = resolve_config(Path(args.run), args.config, args.overrides)
+    with deterministic_kernels(cfg.train.deterministic):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mtnlg.train.metrics import peak_tflops, precision_warning
     from mtnlg.train.trainer import Trainer
 
@@ -124,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
     if world > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from mtnlg.parallel.setup import check_layout
         dims = check_layout(cfg, world)  # fails before any work
-    if cfg.train.deterministic:
-        use_deterministic_kernels()  # before the first cuBLAS call, which reads the workspace setting
     rank, world, device = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, device=cfg.train.device)
     # a resumed run keeps the tokenizer it was trained with; a new one copies data.tokenizer
     tok_path = run_dir / "tokenizer.json" if existing else tokenizer_path(cfg)
