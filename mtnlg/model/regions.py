@@ -27,8 +27,6 @@ import os
 import warnings
 from typing import Callable
 
-import torch
-
 MIN_ELEMS = 1 << 20  # callers run eager code below this (no compile): one 14M MLP activation is 3.1M elements
 _ENV_OFF = os.environ.get("MTNLG_COMPILED_REGIONS", "1") == "0"
 _state = {"enabled": not _ENV_OFF}
@@ -61,6 +59,7 @@ class Region:
         if self.usable():
             try:
                 if self.compiled is None:
+                    import torch  # here, not at the top: the planner reads MIN_ELEMS without loading torch
                     self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
                 return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 — any compile failure: fall back, once, loudly

@@ -94,7 +94,7 @@ def test_a_region_that_cannot_compile_warns_once_and_hands_back_to_eager(monkeyp
         def call(*a):
             raise RuntimeError("Compiler: cc not found\nmore detail")
         return call
-    monkeypatch.setattr(regions.torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", broken_compile)
     region = regions.Region(lambda x: x * 2, "double")
     x = torch.arange(4.0)
     with pytest.warns(RuntimeWarning, match="compiled region double is unavailable .*cc not found"):

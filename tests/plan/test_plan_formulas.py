@@ -198,3 +198,18 @@ def test_fsdp_buffers_of_the_760m_drill_layouts_by_hand():
     assert first["gathered_weights"] * 1e9 == last["gathered_weights"] * 1e9 == pytest.approx(2 * block * 2)
     z0 = plan_layout(cfg, _toy_cluster(1, 8), Layout(tp=2, pp=2, dp=2, zero=0, recompute="none"), 4, "bf16")
     assert "reduce_buffers" not in z0["stages"][0]["memory_gb"]  # replicate all-reduces in place
+
+
+def test_planning_a_gpu_cluster_does_not_load_torch():
+    """`mtnlg plan` for a GPU cluster is arithmetic: it must not pay torch's import (the CPU
+    model's region check once pulled it in through mtnlg.model.regions)."""
+    import subprocess
+    import sys
+    code = ("import sys, io, contextlib\n"
+            "from mtnlg.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['plan', '--config', 'configs/mtnlg-530b.toml', '--gpus', '2240', '--tp', '8', '--pp', '35',\n"
+            "          '--global-batch', '1920', '--gpu', 'a100-80gb'])\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
