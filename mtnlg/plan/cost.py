@@ -158,7 +158,7 @@ def uses_compiled_regions(cfg: ModelConfig, micro_batch: int, tp: int, precision
     bf16, plain-tensor weights at forward time (not tensor-parallel; FSDP/replicate unshard
     theirs to plain bf16 tensors) and a micro-batch activation of ``regions.MIN_ELEMS`` elements
     or more (measured: region calls in dp=2, none at tp=2)."""
-    from mtnlg.model import regions  # torch: only this CPU-local prediction needs it
+    from mtnlg.model import regions  # loads no torch (tests/plan: a GPU plan never imports it)
     return (enabled and precision == "bf16" and tp == 1
             and micro_batch * cfg.seq_len * cfg.ffn >= regions.MIN_ELEMS)
 
