@@ -21,10 +21,8 @@ an fp64 reference in ``tests/train/test_step_paths.py``.  The optimizer's state 
 checkpoints are the same either way and a run may resume with this path on or off.
 
 The trainer uses it for bf16 training on CPU in one process with plain tensors and fused
-AdamW, for steps of one micro-batch (with more, the fp32 master gradients that accumulate
-them are needed anyway, and the region measured no faster), when compiled regions are on
-and the model has at least ``regions.MIN_ELEMS`` elements in weights of ``MIN_NUMEL`` or
-more (no compile for small models and tests).
+AdamW, when compiled regions are on and the model has at least ``regions.MIN_ELEMS``
+elements in weights of ``MIN_NUMEL`` or more (no compile for small models and tests).
 ``set_enabled(False)`` turns it off for the process (``benchmarks/ab_steps.py``).
 """
 from __future__ import annotations
@@ -151,19 +149,21 @@ class MasterAdamW:
             torch._foreach_copy_([p for p, _ in small], [m for _, m in small])
 
 
-def warm_up() -> None:
-    """Compile both regions now (one kernel serves every size), before the trainer's steps."""
+def warm_up(grad_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Compile both regions now for gradients of ``grad_dtype`` (bf16: one micro-batch per
+    step; fp32: accumulated), before the trainer's steps; one kernel serves every size."""
     if not usable():
         return
-    g = torch.zeros(64, dtype=torch.bfloat16)
+    g = torch.zeros(64, dtype=grad_dtype)
     w, m, v = (torch.zeros(64) for _ in range(3))
     _SUMSQ(g)
     _ADAMW(g, w, m, v, torch.zeros(64, dtype=torch.bfloat16), torch.ones(8))
 
 
-def build(master, optimizer, world_size: int, device: torch.device, scaler) -> MasterAdamW | None:
-    """The trainer's ``MasterAdamW`` (compiled now) where it applies and compiled regions are on, else None."""
+def build(master, optimizer, world_size: int, device: torch.device, scaler, one_micro: bool) -> MasterAdamW | None:
+    """The trainer's ``MasterAdamW`` where it applies and compiled regions are on (compiled
+    now, for bf16 gradients if steps have ``one_micro``-batch, else fp32), else None."""
     if not (regions.enabled() and MasterAdamW.applies(master, optimizer, world_size, device, scaler)):
         return None
-    warm_up()
+    warm_up(torch.bfloat16 if one_micro else torch.float32)
     return MasterAdamW(master, optimizer)

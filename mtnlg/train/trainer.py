@@ -104,9 +104,9 @@ class Trainer:
             groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
             **adamw_implementation(opt_params))
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
-        # bf16 on CPU, one process, one micro-batch a step: AdamW on the fp32 masters from the bf16 gradients
-        self.fused_opt = (master_adamw.build(self.master, self.optimizer, self.topo.world_size, device, self.scaler)
-                          if cfg.train.global_batch == cfg.train.micro_batch else None)
+        # bf16 on CPU, one process: AdamW on the master weights from the bf16 gradients, compiled
+        self.fused_opt = master_adamw.build(self.master, self.optimizer, self.topo.world_size, device, self.scaler,
+                                            one_micro=cfg.train.global_batch == cfg.train.micro_batch)
         self.step = 0
         self.consumed_samples = 0
         # The cosine length is fixed when the run starts: extending a run with more
@@ -240,7 +240,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         record: dict = {}
         pipeline_info: dict = {}
-        fused = self.fused_opt is not None and self.fused_opt.active() and n_micro == 1  # mtnlg.train.master_adamw
+        fused = self.fused_opt is not None and self.fused_opt.active()  # mtnlg.train.master_adamw
         if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
             x, y = self._batch(self.train_data, first, n_micro * mb)
             pipe = self._pipeline(n_micro, n_micro * mb)
@@ -253,7 +253,7 @@ class Trainer:
                 total = losses.mean().to(self.device)
             total = topo.broadcast_from_last_stage(total)
         else:
-            keep = self.fused_opt.big_ids if fused else frozenset()  # bf16 grads read directly
+            keep = self.fused_opt.big_ids if fused and n_micro == 1 else frozenset()  # bf16 grads read directly
             for i in range(n_micro):
                 x, y = self._batch(self.train_data, first + i * mb, mb)
                 topo.before_micro_batch(i == n_micro - 1)
