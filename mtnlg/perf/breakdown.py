@@ -144,9 +144,6 @@ def labelled(trainer):
     master = getattr(trainer, "master", None)
     if master is not None:
         patches += [(master, "master_to_model", "mtnlg::optimizer"), (master, "accumulate_grads", "mtnlg::optimizer")]
-    fused = getattr(trainer, "fused_opt", None)  # mtnlg.train.master_adamw: clipping and the step, compiled
-    if fused is not None:
-        patches += [(fused, "clip", "mtnlg::optimizer"), (fused, "step", "mtnlg::optimizer")]
     saved = []
     for obj, attr, label in patches:
         if obj is None or not hasattr(obj, attr):

@@ -43,17 +43,14 @@ class MasterWeights:
         self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in model_params]
         self.plain = all(type(p.data) is torch.Tensor for p in model_params)  # not DTensor shards
 
-    def accumulate_grads(self, keep: frozenset[int] | set[int] = frozenset()) -> None:
+    def accumulate_grads(self) -> None:
         """Add this micro-batch's low-precision gradients into the fp32 master
         gradients (summing many micro-batches in bf16 would lose precision).
         The first micro-batch of a step casts into fresh master gradients
-        (no zero fill); later ones add with one foreach kernel.  Parameters
-        whose ``id`` is in ``keep`` keep their low-precision gradient instead
-        (a step of one micro-batch whose optimizer reads it directly:
-        ``mtnlg.train.master_adamw``)."""
+        (no zero fill); later ones add with one foreach kernel."""
         fresh, add_to, add_from = [], [], []
         for p, m in zip(self.model_params, self.params):
-            if p.grad is None or id(p) in keep:
+            if p.grad is None:
                 continue
             if m.grad is None:
                 fresh.append((p, m))
@@ -68,8 +65,7 @@ class MasterWeights:
             for g, q in zip(add_to, add_from):
                 g.add_(q)
         for p in self.model_params:
-            if id(p) not in keep:
-                p.grad = None
+            p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:

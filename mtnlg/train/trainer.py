@@ -31,7 +31,6 @@ from mtnlg.perf.alloc import keep_freed_memory
 from mtnlg.train import checkpoint as ckpt
 from mtnlg.train.loss import IGNORE_INDEX, cross_entropy_fp32  # noqa: F401 (IGNORE_INDEX: re-exported)
 from mtnlg.train.metrics import MetricsLogger
-from mtnlg.train import master_adamw
 from mtnlg.train.precision import MasterWeights, autocast, param_dtype
 from mtnlg.train.schedule import global_batch_at, lr_at
 from mtnlg.parallel.topology import Topology
@@ -104,9 +103,6 @@ class Trainer:
             groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
             **adamw_implementation(opt_params))
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
-        # bf16 on CPU, one process: AdamW on the master weights from the bf16 gradients, compiled
-        self.fused_opt = master_adamw.build(self.master, self.optimizer, self.topo.world_size, device, self.scaler,
-                                            one_micro=cfg.train.global_batch == cfg.train.micro_batch)
         self.step = 0
         self.consumed_samples = 0
         # The cosine length is fixed when the run starts: extending a run with more
@@ -240,7 +236,6 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         record: dict = {}
         pipeline_info: dict = {}
-        fused = self.fused_opt is not None and self.fused_opt.active()  # mtnlg.train.master_adamw
         if topo.pp_size > 1:  # the schedule runs every micro-batch; the losses come back on the last stage
             x, y = self._batch(self.train_data, first, n_micro * mb)
             pipe = self._pipeline(n_micro, n_micro * mb)
@@ -253,7 +248,6 @@ class Trainer:
                 total = losses.mean().to(self.device)
             total = topo.broadcast_from_last_stage(total)
         else:
-            keep = self.fused_opt.big_ids if fused and n_micro == 1 else frozenset()  # bf16 grads read directly
             for i in range(n_micro):
                 x, y = self._batch(self.train_data, first + i * mb, mb)
                 topo.before_micro_batch(i == n_micro - 1)
@@ -261,7 +255,7 @@ class Trainer:
                     loss = self._loss(x, y) / n_micro
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 if self.master:
-                    self.master.accumulate_grads(keep)
+                    self.master.accumulate_grads()
                 total += self.topo.local_value(loss.detach())
         params = self.master.params if self.master else self.params
         topo.all_reduce_grads(params)
@@ -269,10 +263,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         tied = {id(p) for p in topo.tied_copies}  # the shared embedding counts once, on the first stage
-        if fused:
-            grad_norm = self.fused_opt.clip(clip)
-        else:
-            grad_norm = topo.clip_grad_norm(params, clip, [q for p, q in zip(self.params, params) if id(p) in tied])
+        grad_norm = topo.clip_grad_norm(params, clip, [q for p, q in zip(self.params, params) if id(p) in tied])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         if not self.scaler and not torch.isfinite(grad_norm):  # fp16: the scaler skips such steps
@@ -284,14 +275,11 @@ class Trainer:
             self.scaler.update()
             record["loss_scale"] = scale
             record["skipped"] = self.scaler.get_scale() < scale
-        elif fused:
-            self.fused_opt.step()  # also rounds the bf16 weights and releases the gradients
         else:
             self.optimizer.step()
-        if not fused:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.master:
-                self.master.master_to_model()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.master_to_model()
         self.step += 1
         self.consumed_samples += gb
         loss = topo.mean_over_dp(total)
