@@ -109,12 +109,13 @@ class _BiasGelu(torch.autograd.Function):
         x2 = x.contiguous().view(-1, x.shape[-1])
         ctx.save_for_backward(x2, bias)
         ctx.approximate, ctx.in_shape = approximate, x.shape
-        return _REGIONS[approximate][0](x2, bias).view(x.shape)
+        # detached: a Parameter argument would get a compiled graph of its own per bias size
+        return _REGIONS[approximate][0](x2.detach(), bias.detach()).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x2, bias = ctx.saved_tensors
-        gx = _REGIONS[ctx.approximate][1](grad.contiguous().view(x2.shape), x2, bias)
+        gx = _REGIONS[ctx.approximate][1](grad.contiguous().view(x2.shape).detach(), x2.detach(), bias.detach())
         # the bias gradient from the rounded input gradient, as addmm's backward takes it: an eager
         # sum (0.2-0.5 ms at the 14M shapes) beats Inductor's column reduction inside the region (+2.5 ms)
         return gx.view(ctx.in_shape), (gx.sum(0) if ctx.needs_input_grad[1] else None), None
@@ -127,10 +128,14 @@ def warm_up(approximate: str, activation_elems: int) -> None:
     fwd, bwd = _REGIONS[approximate]
     if activation_elems < regions.MIN_ELEMS or not (fwd.usable() and bwd.usable()):
         return
+    # as _BiasGelu calls them: gradients off, plain tensors that require none (grad mode and the
+    # arguments' types and flags are part of a compiled graph's guards; warmed up with gradients
+    # on, both compiled again at the first training step)
     x = torch.zeros(16, 64, dtype=torch.bfloat16)
     b = torch.zeros(64, dtype=torch.bfloat16)
-    fwd(x, b)
-    bwd(x, x, b)
+    with torch.no_grad():
+        fwd(x, b)
+        bwd(torch.zeros_like(x), x, b)  # distinct tensors: aliasing is guarded too
     gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
