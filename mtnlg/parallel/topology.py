@@ -23,29 +23,6 @@ def _load_plain_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor
     model.load_state_dict(state)
 
 
-_SKIP_UNIT_CLIP = {"on": True}
-
-
-def set_skip_unit_clip(on: bool) -> None:
-    """Whether ``clip_grad_norm`` leaves the gradients alone when the clip coefficient is
-    1 (for ``benchmarks/ab_steps.py``; on by default, bitwise the same result)."""
-    _SKIP_UNIT_CLIP["on"] = bool(on)
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for one process, without its multiply by a
-    coefficient of exactly 1 (the gradient norm below ``max_norm``, most steps after the
-    first few), which is a pass over every gradient that changes no bit; the same norm and
-    gradients.  Costs one device sync, which the trainer's finiteness check makes anyway."""
-    if not _SKIP_UNIT_CLIP["on"]:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if grads and float((max_norm / (total + 1e-6)).clamp(max=1.0)) < 1.0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 @dataclass
 class Topology:
     rank: int = 0
@@ -78,7 +55,7 @@ class Topology:
     pipeline: Callable[..., Any] | None = None
     tied_copies: list = field(default_factory=list)  # last stage's lm_head copy: clipped, not counted in the norm
     clip_grad_norm: Callable[..., torch.Tensor] = (
-        lambda params, max_norm, skip=(): clip_grad_norm(params, max_norm))
+        lambda params, max_norm, skip=(): torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     @property
     def is_main(self) -> bool:
