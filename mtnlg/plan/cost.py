@@ -49,12 +49,17 @@ class Rates:
     attn_tflops: float          # attention core (SDPA fwd+bwd) FLOP rate, flops counted as in model.flops
     mem_gbps: float             # streaming bandwidth of elementwise kernels
     op_overhead_us: float       # dispatch cost of one elementwise kernel / autograd node
-    optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter
+    optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter, measured
+                                # (0: priced by the bytes state_ops gives it)
     fp32_gemm_tflops: float = 0.0   # fp32 GEMM rate, for train.precision=fp32 (0: same as gemm_tflops)
     gemm_cache_mb: float = 0.0      # operand bytes a GEMM keeps in cache; only the excess streams at W
     # measured ns per unit of each non-GEMM kind (CPU; see calibrate_ops.py): an op of a kind
     # listed here costs elems x kind_ns[kind], one that is not (GPU datasheets) bytes / mem_gbps
     kind_ns: dict = field(default_factory=dict)
+    # streaming rate of torch's dtype-converting elementwise kernels (a bf16 -> fp32 copy, an
+    # fp32 += bf16 add: TensorIterator's unrolled loop, no vector loads), measured by --calibrate;
+    # 0 (datasheets, older profiles): mem_gbps
+    cast_gbps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,11 +105,11 @@ class DeviceProfile:
 
 
 def _gpu(name: str, peak: float, gemm_eff: float, attn_eff: float, hbm: float, nvlink: float) -> DeviceProfile:
-    # Adam on the fp32 master state touches ~72 bytes per parameter (multi-pass foreach kernels),
-    # at 80 % of HBM bandwidth; kernel launches ~5 us.
+    # memory-bound kernels stream at 80 % of HBM bandwidth; kernel launches ~5 us.  The optimizer is
+    # not timed (optim_ns_per_param 0): its bytes (state_ops) over that bandwidth.
     rates = Rates(gemm_tflops=peak * gemm_eff, gemm_gbps=0.8 * hbm, gemm_overhead_us=5.0,
                   attn_tflops=peak * attn_eff, mem_gbps=0.8 * hbm, op_overhead_us=5.0,
-                  optim_ns_per_param=72 / (0.8 * hbm), fp32_gemm_tflops=peak / 16)
+                  optim_ns_per_param=0.0, fp32_gemm_tflops=peak / 16)
     return DeviceProfile(name, "datasheet (docs/plan.md#device-profiles)", {1: rates}, link_gbps=0.8 * nvlink,
                          link_latency_us=10.0)
 
@@ -130,6 +135,10 @@ class Op:
     count: int = 1                               # kernels this op launches
     kind: str = ""                               # measured primitive that prices it (Rates.kind_ns)
     elems: float = 0.0                           # its units of that kind (elements, parameters)
+    cast_bytes: float = 0.0                      # the part of `bytes` moved by dtype-converting kernels
+    # its launches overlap device work queued before them (no host sync between them and the
+    # model's kernels), so by bandwidth it costs its bytes alone, no dispatch per kernel
+    queued: bool = False
 
 
 def gemm_seconds(m: int, k: int, n: int, r: Rates, dtype_bytes: int = 2) -> float:
@@ -219,16 +228,66 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
         ops.append(Op("final_layernorm", "elementwise", 0.0, n_micro * 3 * 2 * Tha, count=n_micro * 3,
                       kind="layernorm", elems=n_micro * T * h))
         ops += [_times(o, n_micro) for o in _gemm("lm_head", T, h, V // tp, ab)]
-        # the trainer's fp32 cross-entropy, forward + backward, timed as one unit by --calibrate
-        # (vocabulary-parallel on DTensor logits with tp > 1); bytes: read logits, fp32 copy,
-        # log-softmax, fp32 gradient and its cast back
-        ops.append(Op("cross_entropy", "loss", 0.0, n_micro * T * V / tp * (3 * ab + 20), count=n_micro * 8,
-                      kind="loss_tp" if tp > 1 else "loss", elems=n_micro * T * V / tp))
+        # the trainer's fp32 cross-entropy, forward + backward: timed as one unit by --calibrate on a
+        # CPU (kind loss / loss_tp), else the bytes its kernels move (loss_traffic)
+        per_logit, cast, kernels = loss_traffic(T, V // tp, precision, tp)
+        logits = n_micro * T * V / tp
+        ops.append(Op("cross_entropy", "loss", 0.0, logits * per_logit, count=n_micro * kernels,
+                      kind="loss_tp" if tp > 1 else "loss", elems=logits, cast_bytes=logits * cast, queued=True))
     return ops
 
 
+# mtnlg.train.loss.DEFAULT_CHUNK_ELEMS, the fp32 elements of one slice of logit rows on a GPU
+# (not imported: loss.py imports torch, which a plan for a GPU cluster does not load; tested equal)
+LOSS_SLICE_ELEMS = 1 << 22
+# CUDA's row softmax / log-softmax for rows too long for its shared-memory kernel (over 48 KB: a
+# vocabulary row in fp32) is cunn_SoftMaxForward, one block per row, three passes over the row:
+# max, sum of exp, then read again to write the output
+SOFTMAX_PASSES = 3
+
+
+def loss_traffic(tokens: int, vocab_local: int, precision: str = "bf16", tp: int = 1,
+                 slice_elems: int = LOSS_SLICE_ELEMS) -> tuple[float, float, int]:
+    """(bytes moved per logit element, those of them moved by dtype-converting kernels, kernels
+    launched) of one micro-batch's cross-entropy,
+    forward + backward, as ``mtnlg.train.loss.cross_entropy_fp32`` runs it on a GPU (fp32 = 4 B,
+    bf16 = 2 B; a softmax reads its input SOFTMAX_PASSES times and writes once):
+
+    * bf16 plain logits (one process, data parallel): slices of LOSS_SLICE_ELEMS // V rows;
+      forward per slice: cast to fp32 (2 + 4), log-softmax (3·4 + 4), NLL and the running sum
+      (a few bytes per row); backward per slice: cast again (2 + 4), softmax (3·4 + 4), the -1 at
+      each target (per row), the in-place scale (4 + 4), the cast into the bf16 gradient (4 + 2):
+      22 + 36 = 58 bytes; kernels: cast, log_softmax, nll_loss, add forward; cast, softmax, ne,
+      mul, clamp, full, scatter_add, mul_, copy_ backward = 13 per slice, + 8 per micro-batch
+      (the total's zeros, the denominator's ne/sum/clamp/cast, the mean, the backward's seed and
+      the gradient's scale).  The
+      two bf16 -> fp32 casts (12 bytes) run torch's unrolled dtype-converting copy; the cast
+      back to bf16 has a vectorised kernel of its own.  The loop makes no host sync: its
+      launches queue behind the model's forward (measured on an H200, benchmarks/memory_bound_ops.py:
+      1296 kernels a micro-batch of gpt-1.3b against 1295 here; the softmax kernels' re-reads hit
+      the L2 cache, a 16 MB slice, but the 83-row grid leaves a third of the SMs idle: 14 us a
+      kernel against 16 us for their bytes at the streaming rate).
+    * fp32 logits (train.precision=fp32): F.cross_entropy through autograd: log-softmax forward
+      (3·4 + 4), NLL backward's zero-filled gradient (4), log-softmax backward (a pass for the
+      row sum of the gradient, then gradient + output read and input gradient written: 4·4): 36.
+    * DTensor logits (tp > 1, vocabulary-parallel, torch.distributed.tensor.parallel.loss): cast
+      (2 + 4); amax (4), x - max (4 + 4), exp (4 + 4) and its sum (4), - logsumexp (4 + 4)
+      forward; zeros (4), exp (4 + 4), + (4 + 4 + 4), x grad_output (4 + 4), the cast's
+      backward (4 + 2): 38 + 38 = 76 bytes; about 16 kernels per micro-batch.
+    """
+    softmax = SOFTMAX_PASSES * 4 + 4
+    if tp > 1:
+        return 76.0, 6.0, 16
+    if precision == "fp32":
+        return softmax + 4 + 4 * 4, 0.0, 8
+    rows = max(1, slice_elems // vocab_local)
+    slices = -(-tokens // rows)
+    return (6 + softmax) + (6 + softmax + 8 + 6), 12.0, 13 * slices + 8
+
+
 def _times(o: Op, k: int) -> Op:
-    return replace(o, flops=o.flops * k, bytes=o.bytes * k, count=o.count * k, elems=o.elems * k)
+    return replace(o, flops=o.flops * k, bytes=o.bytes * k, count=o.count * k, elems=o.elems * k,
+                   cast_bytes=o.cast_bytes * k)
 
 
 def local_params(cfg: ModelConfig, tp: int = 1, layers: int | None = None, first: bool = True,
@@ -258,7 +317,8 @@ def op_seconds(op: Op, r: Rates, precision: str = "bf16") -> float:
     kind = op.kind if op.kind in r.kind_ns else op.kind.removesuffix("_eager")  # profiles before the region
     if kind in r.kind_ns:  # timed as the step calls it, dispatch included
         return op.elems * r.kind_ns[kind] * 1e-9
-    return op.bytes / (r.mem_gbps * 1e9) + op.count * r.op_overhead_us * 1e-6
+    stream = (op.bytes - op.cast_bytes) / (r.mem_gbps * 1e9) + op.cast_bytes / ((r.cast_gbps or r.mem_gbps) * 1e9)
+    return stream + (0.0 if op.queued else op.count * r.op_overhead_us * 1e-6)
 
 
 def all_reduce_seconds(nbytes: float, n: int, gbps: float, latency_us: float) -> float:
@@ -271,6 +331,30 @@ def local_param_tensors(cfg: ModelConfig, layers: int | None = None) -> int:
     """Parameter tensors one rank steps: 12 per block (two LayerNorms and four Linears, weight
     and bias each), the tied embedding, the position table and the final LayerNorm's two."""
     return 12 * (cfg.n_layers if layers is None else layers) + 4
+
+
+def optimizer_bytes_per_param(precision: str = "bf16", tp: int = 1, dp: int = 1) -> float:
+    """Bytes per parameter of the trainer's step after the gradients are in (fp32 = 4 B):
+
+    * clipping (``torch.nn.utils.clip_grad_norm_``): ``_foreach_norm`` reads the gradient (4),
+      ``_foreach_mul_`` by the clamped coefficient (applied even when it is 1) reads and writes it
+      (4 + 4): 12;
+    * AdamW, fused (plain tensors, ``adamw_implementation``): one pass reading parameter,
+      gradient and both moments and writing parameter and moments: 4·4 + 3·4 = 28; per
+      parameter tensor (DTensors: ``foreach=False``): decay ``mul_`` (4 + 4), ``lerp_`` of the
+      first moment (4 + 4 + 4), ``mul_`` + ``addcmul_`` of the second (4 + 4, 4 + 4 + 4),
+      ``sqrt``, ``/``, ``add_`` of the denominator (3 x (4 + 4)), ``addcdiv_`` (3·4 + 4): 80;
+    * the bf16 copy of the master weights (``master_to_model``): read 4, write 2: 6; data
+      parallelism keeps fp32 parameters (no master copy)."""
+    clip, adam = 12.0, 28.0 if tp == 1 and dp == 1 else 80.0
+    copy = 6.0 if precision == "bf16" and dp == 1 else 0.0
+    return clip + adam + copy
+
+
+def multi_tensor_launches(n_params: int) -> int:
+    """Kernel launches of one foreach/fused op over ``n_params`` elements: torch's
+    multi_tensor_apply walks them in chunks of 65536 elements, at most 320 blocks per launch."""
+    return max(1, -(-n_params // (65536 * 320)))
 
 
 def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero: int = 0,
@@ -291,19 +375,32 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
     n = local_params(cfg, tp)
     ops: list[Op] = []
     low = precision == "bf16"
+    tensors = local_param_tensors(cfg)
+    plain = tp == 1 and dp == 1  # plain tensors: fused AdamW, foreach clipping and copies
     if low and dp == 1:
-        ops.append(Op("master_grad_first", "optimizer", count=1, kind="grad_to_fp32", elems=n))
+        # bytes per parameter: the first micro-batch's ``p.grad.float()`` reads 2 and writes 4 (a
+        # kernel per tensor); a later one's fp32 += bf16 reads 4 + 2 and writes 4 (``_foreach_add_``
+        # over two dtypes takes torch's per-tensor path: a kernel per tensor, as DTensors do).  Both
+        # are dtype-converting kernels, and queue behind the backward's kernels.
+        ops.append(Op("master_grad_first", "optimizer", bytes=6.0 * n, count=tensors, kind="grad_to_fp32", elems=n,
+                      cast_bytes=6.0 * n, queued=True))
         if n_micro > 1:
-            ops.append(Op("master_grad_accumulate", "optimizer", count=n_micro - 1, kind="grad_accumulate",
-                          elems=n * (n_micro - 1)))
+            acc = 10.0 * n * (n_micro - 1)
+            ops.append(Op("master_grad_accumulate", "optimizer", bytes=acc, count=tensors * (n_micro - 1),
+                          kind="grad_accumulate", elems=n * (n_micro - 1), cast_bytes=acc, queued=True))
     if low and dp > 1:
         ops.append(Op("param_cast_bf16", "elementwise", bytes=6.0 * n * n_micro, count=n_micro, kind="cast",
                       elems=n * n_micro))
-        ops.append(Op("grad_cast_fp32", "elementwise", bytes=6.0 * n, count=1, kind="cast", elems=n))
-    tensors = local_param_tensors(cfg)
-    path = "optim" if tp == 1 and dp == 1 else "optim_replicate" if dp > 1 and tp == 1 else "optim_dtensor"
-    ops.append(Op("optimizer_tensors", "optimizer", count=tensors, kind=path + "_tensor", elems=tensors))
-    ops.append(Op("optimizer_params", "optimizer", count=0, kind=path + "_param", elems=n))
+        ops.append(Op("grad_cast_fp32", "elementwise", bytes=6.0 * n, count=1, kind="cast", elems=n,
+                      cast_bytes=6.0 * n))
+    path = "optim" if plain else "optim_replicate" if dp > 1 and tp == 1 else "optim_dtensor"
+    ops.append(Op("optimizer_tensors", "optimizer", count=0 if plain else 8 * tensors, kind=path + "_tensor",
+                  elems=tensors))
+    # plain tensors: foreach norm and mul, fused AdamW, foreach copy back, each a few multi-tensor
+    # launches that queue behind the last backward; DTensors: ~8 kernels per tensor (above)
+    ops.append(Op("optimizer_params", "optimizer", bytes=optimizer_bytes_per_param(precision, tp, dp) * n,
+                  count=multi_tensor_launches(n) * (4 if plain else 0), kind=path + "_param", elems=n,
+                  queued=plain))
     if tp > 1:
         ops.append(Op("tp_blocks_fixed", "framework", count=0, kind="tp_layer", elems=n_micro * cfg.n_layers))
         ops.append(Op("tp_embed_head_loss_fixed", "framework", count=0, kind="tp_base", elems=n_micro))
@@ -327,11 +424,15 @@ def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, 
         out[op.category] += op_seconds(op, r, precision)
     n_params = local_params(cfg, tp)
     extra = state_ops(cfg, n_micro, tp=tp, dp=dp, zero=zero, precision=precision)
-    if "optim_param" in r.kind_ns:
-        for op in extra:
+    measured = "optim_param" in r.kind_ns  # a CPU profile: the step's kinds were timed as the trainer runs them
+    for op in extra:
+        if measured:
             out[op.category] += op_seconds(op, r, precision) if op.kind in r.kind_ns else 0.0
-    else:  # a profile without the step's measured kinds (GPU datasheets): AdamW per parameter
-        out["optimizer"] += n_params * r.optim_ns_per_param * 1e-9
+        elif op.name == "optimizer_params" and r.optim_ns_per_param > 0:
+            # a GPU profile from --calibrate timed this very path (clipping, AdamW, copy back) per parameter
+            out[op.category] += op.elems * r.optim_ns_per_param * 1e-9
+        elif op.category != "framework":  # bytes over bandwidth (GPU datasheets)
+            out[op.category] += op_seconds(op, r, precision)
     ab = 4 if precision == "fp32" else 2
     act = micro_batch * cfg.seq_len * cfg.hidden * ab
     if tp > 1:  # 2 all-reduces forward + 2 backward per layer, 1 at the embedding, 1 at the head
