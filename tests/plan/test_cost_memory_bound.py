@@ -139,3 +139,21 @@ def test_cast_rate_is_calibrated_and_round_trips():
     old = prof.to_json().replace('"cast_gbps"', '"unknown_field"')
     assert DeviceProfile.from_json(old).rates[1].cast_gbps == 0.0
     assert op_seconds(Op("c", "optimizer", bytes=10e9, cast_bytes=10e9, queued=True), HAND) == pytest.approx(1.0)
+
+
+def test_profile_step_predict_only_prints_the_h200_prediction():
+    """`benchmarks/profile_step.py --predict-only` needs no GPU: with the H200 profile of the lead's
+    call 5 (no casts' rate: everything at its 4134 GB/s) the loss is 58 B x 4 x 8192 x 50304 logits
+    and the optimizer its measured rate per parameter + the master gradients' 36 B."""
+    import subprocess
+    import sys
+    path = "docs/gpu/profile-h200-141gb-calibrated.json"
+    out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--predict-only", "--config", "gpt-1.3b",
+                          "--device-profile", path], capture_output=True, text=True, check=True).stdout
+    got = {line.split()[0]: float(line.split()[-1]) for line in out.splitlines()[2:]}
+    r = DeviceProfile.load(path).rates_for(1)
+    n, gbps = local_params(GPT13), r.mem_gbps * 1e9
+    assert r.cast_gbps == 0.0
+    assert got["softmax/loss"] == pytest.approx(1e3 * 4 * 8192 * 50304 * 58 / gbps, abs=0.05)
+    assert got["optimizer"] == pytest.approx(1e3 * n * (r.optim_ns_per_param * 1e-9 + 36 / gbps), abs=0.05)
+    assert (got["softmax/loss"], got["optimizer"]) == (23.1, 30.1)
