@@ -6,22 +6,29 @@ PyTorch's CPU flash-attention kernel is exact but slow in bf16 here: at the
 (``benchmarks/profile_step.py``).  This kernel computes the same function
 with the precision choices of FlashAttention on GPUs:
 
-* scores ``q k^T`` and the probability gradient ``dO v^T`` are computed in
-  fp32 (from the exact bf16 inputs), so the softmax and its backward see no
-  bf16 rounding: CPU torch offers no bf16 GEMM with an fp32 output, so these
-  two run as fp32 GEMMs over the causal lower triangle only, by blocks of
-  ``BLOCK`` queries;
-* the probabilities P and the score gradient dS are rounded once to bf16 and
-  multiplied in bf16 GEMMs (``P v``, ``P^T dO``, ``dS k``, ``dS^T q``), as
-  FlashAttention does with its tiles;
-* ``D = rowsum(dO * O)`` comes from the bf16 output, as in FlashAttention-2.
+* scores ``q k^T`` are computed in fp32 (from the exact bf16 inputs), so the
+  softmax sees no bf16 rounding: CPU torch offers no bf16 GEMM with an fp32
+  output, so this one runs as an fp32 GEMM over the causal lower triangle
+  only, by blocks of ``BLOCK`` queries;
+* the probabilities P are rounded once to bf16 and multiplied in bf16 GEMMs
+  (``P v``, ``P^T dO``), as FlashAttention does with its tiles;
+* the softmax backward needs ``dP - D`` with ``D = rowsum(dO * O)`` (from the
+  bf16 output, as in FlashAttention-2), a difference of nearly equal numbers
+  where a query attends mostly to one key.  It comes from one bf16 GEMM of
+  inputs widened by two columns, ``[dO, -D_hi, -D_lo] . [v, 1, 1]``, with
+  ``D_hi + D_lo`` the fp32 ``D`` split into two bf16 numbers (to about 2^-16 of
+  ``D``): the GEMM accumulates in fp32 and rounds once, so the difference is
+  rounded relative to itself.  A power-of-two score scale (head dims 16, 64,
+  256) folds into ``dO`` and ``D`` exactly; any other is one more rounding of
+  dS.  Then ``dS = P * (dP - D)`` in bf16 for the two bf16 GEMMs ``dS k`` and
+  ``dS^T q``.
 
-A bf16 dP (with ``D = rowsum(P * dP)``, softmax's own backward) was tried: the
-same error per call against fp64 and 1.7 ms per layer faster, but two bf16
-trainings whose weights differ in a few last bits drifted apart within two
-steps (12,362 of 135k bf16 weights different at step 4, against 2 with this
-kernel or SDPA: ``tests/train/test_loss.py::test_trainer_steps_fused_adamw_like_foreach``),
-so dP stays fp32.
+Before, dP was an fp32 GEMM of its own.  A bf16 dP rounded before subtracting
+D, with ``D = rowsum(P * dP)`` (softmax's own backward), had the same error per
+call against fp64 but made two bf16 trainings whose weights differ in a few last
+bits drift apart within two steps (12,362 of 135k bf16 weights different at
+step 4, against 2-3 with this kernel, the fp32-dP one, or SDPA:
+``tests/train/test_loss.py::test_trainer_steps_fused_adamw_like_foreach``).
 
 Its error against an fp64 reference is that of SDPA's CPU kernel (checked in
 ``tests/model/test_attention.py``).  Unlike FlashAttention it keeps P for
@@ -109,16 +116,26 @@ class _CausalGemmAttention(torch.autograd.Function):
         q, k, v, o, *probs = ctx.saved_tensors
         B, H, T, D = ctx.shape
         scale = ctx.scale
+        bf = q.dtype
         do = do.contiguous().view(B * H, T, D)
-        do32 = do.float()
-        v32 = v.float().mul_(scale)  # folds the score scale into dP and D: dS = P * (s*dP - s*D)
-        dd = (do32 * o.float()).sum(-1, keepdim=True).mul_(scale)
+        dd = (do.float() * o.float()).sum(-1, keepdim=True)  # D = rowsum(dO * O), fp32
+        exact = scale == 2.0 ** round(math.log2(scale))  # folds into dO and D without rounding
+        s = scale if exact else 1.0
+        hi = dd.to(bf)
+        do_aug = do.new_empty(B * H, T, D + 2)
+        torch.mul(do, s, out=do_aug[..., :D])
+        do_aug[..., D:D + 1] = hi * -s
+        do_aug[..., D + 1:] = dd.sub_(hi.float()).mul_(-s)
+        v_aug = v.new_empty(B * H, T, D + 2)
+        v_aug[..., :D] = v
+        v_aug[..., D:] = 1
         dq = torch.empty_like(q)
         dk = dv = None
         for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):  # the last block spans every key
             dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
-            dp = torch.bmm(do32[:, r0:r1], v32[:, :r1].transpose(1, 2))
-            ds = dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
+            ds = torch.bmm(do_aug[:, r0:r1], v_aug[:, :r1].transpose(1, 2)).mul_(p)  # s * (dP - D) * P
+            if not exact:
+                ds.mul_(scale)
             torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
             dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
             if dk is None:

@@ -7,8 +7,8 @@ What is timed, for one thread and for every core (CPU) or on the GPU:
   skinny shapes; the roofline ``t = 2mkn/P + bytes/W + t0`` is fitted to them
   by least squares on relative error;
 * the attention core (the model's ``causal_attention``, forward + backward) at the models' shapes;
-* elementwise streaming bandwidth (an add of large tensors) and the dispatch
-  cost of one small autograd op;
+* elementwise streaming bandwidth (an add of large tensors), that of the
+  dtype-converting kernels (``cast_gbps``) and the dispatch cost of one small autograd op;
 * the optimizer path of the trainer (AdamW on fp32 master weights, gradient
   clipping, copy back to bf16) per parameter;
 * gloo all-reduce between two processes (latency and bandwidth);
@@ -142,6 +142,8 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
     n = 1 << (27 if device.type == "cuda" else 22)
     x, y, z = (torch.randn(n, dtype=dt, device=device) for _ in range(3))
     mem = 3 * n * ab / time_call(lambda: torch.add(x, y, out=z), device, budget_s) / 1e9
+    del x, y, z
+    cast = cast_gbps(device, n, budget_s)
     small = torch.randn(16, device=device, requires_grad=True)
 
     def chain():
@@ -158,15 +160,26 @@ def measure_rates(cfgs: list[ModelConfig], micro_batch: int, threads: int, devic
         kinds["loss_bytes"] = loss_peak_bytes(cfgs, micro_batch)
     r = Rates(gemm_tflops=P, gemm_gbps=W, gemm_overhead_us=t0, attn_tflops=float(np.median(attn)),
               mem_gbps=mem, op_overhead_us=overhead, optim_ns_per_param=optim, fp32_gemm_tflops=fp32,
-              gemm_cache_mb=C, kind_ns=kinds)
+              gemm_cache_mb=C, kind_ns=kinds, cast_gbps=cast)
     fitted = [gemm_seconds_rel(s, t, r, ab) for s, t in zip(shapes, secs)]
     detail = {"gemm_shapes": [list(s) for s in shapes], "gemm_seconds": secs,
               "gemm_fit_rel_error_max": max(abs(e) for e in fitted)}
     log(f"  threads {threads}: GEMM P {P:.3f} TFLOP/s, W {W:.1f} GB/s beyond {C:.1f} MB, t0 {t0:.1f} us "
         f"(fit within {100 * detail['gemm_fit_rel_error_max']:.0f}%), attention {r.attn_tflops:.3f} TFLOP/s, "
-        f"memory {mem:.1f} GB/s, op {overhead:.1f} us, optimizer {optim:.2f} ns/param; ns per element: "
+        f"memory {mem:.1f} GB/s, casts {cast:.1f} GB/s, op {overhead:.1f} us, optimizer {optim:.2f} ns/param; ns per element: "
         + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     return r, detail
+
+
+def cast_gbps(device: torch.device, n: int, budget_s: float = 0.05) -> float:
+    """Streaming rate of the two dtype-converting kernels a bf16 step runs most (torch's
+    unrolled TensorIterator loop, no vector loads): a bf16 -> fp32 copy (6 bytes per element:
+    the loss's casts, the master gradients of a step's first micro-batch) and an fp32 += bf16
+    add (10 bytes: the later micro-batches), the bytes of both over the time of both."""
+    x = torch.randn(n, device=device).to(torch.bfloat16)
+    y = torch.zeros(n, device=device)
+    t = time_call(lambda: y.copy_(x), device, budget_s) + time_call(lambda: y.add_(x), device, budget_s)
+    return 16 * n / t / 1e9
 
 
 def gemm_seconds_rel(shape, measured: float, r: Rates, ab: int) -> float:

@@ -14,7 +14,9 @@ byte and per call), as cuBLAS and oneDNN do.  The kernels between the GEMMs
 (LayerNorm, GeLU, residual adds, copies, bias-gradient sums, casts, the loss)
 cost their elements times a rate measured per kind where the profile has one
 (CPU: they are compute-bound there), else bytes moved over the streaming
-bandwidth plus a dispatch overhead per kernel (GPU datasheets); the attention
+bandwidth plus a dispatch overhead per kernel (GPU profiles; the loss's, the
+master gradients' and the optimizer's bytes are counted from their code in
+``traffic.py``, dtype-converting kernels at their own measured rate); the attention
 core runs at its own rate (a flash kernel's FLOP rate at the model's head
 size); the optimizer costs a measured time per parameter; collectives are
 ring algorithms with a per-message latency.
@@ -33,6 +35,8 @@ from pathlib import Path
 
 from mtnlg.config import ModelConfig
 from mtnlg.errors import UserError
+from mtnlg.plan.traffic import (LOSS_SLICE_ELEMS, SOFTMAX_PASSES, loss_traffic,  # noqa: F401 (re-exported)
+                                multi_tensor_launches, optimizer_bytes_per_param)
 
 CATEGORIES = ("gemm", "attention", "elementwise", "loss", "optimizer", "communication", "framework")
 # model.activation -> the measured kind that prices the MLP's GeLU ("gelu" is the tanh form: profiles
@@ -49,12 +53,17 @@ class Rates:
     attn_tflops: float          # attention core (SDPA fwd+bwd) FLOP rate, flops counted as in model.flops
     mem_gbps: float             # streaming bandwidth of elementwise kernels
     op_overhead_us: float       # dispatch cost of one elementwise kernel / autograd node
-    optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter
+    optim_ns_per_param: float   # AdamW step (+ grad clipping, master copy) per local parameter, measured
+                                # (0: priced by the bytes state_ops gives it)
     fp32_gemm_tflops: float = 0.0   # fp32 GEMM rate, for train.precision=fp32 (0: same as gemm_tflops)
     gemm_cache_mb: float = 0.0      # operand bytes a GEMM keeps in cache; only the excess streams at W
     # measured ns per unit of each non-GEMM kind (CPU; see calibrate_ops.py): an op of a kind
     # listed here costs elems x kind_ns[kind], one that is not (GPU datasheets) bytes / mem_gbps
     kind_ns: dict = field(default_factory=dict)
+    # streaming rate of torch's dtype-converting elementwise kernels (a bf16 -> fp32 copy, an
+    # fp32 += bf16 add: TensorIterator's unrolled loop, no vector loads), measured by --calibrate;
+    # 0 (datasheets, older profiles): mem_gbps
+    cast_gbps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,11 +109,11 @@ class DeviceProfile:
 
 
 def _gpu(name: str, peak: float, gemm_eff: float, attn_eff: float, hbm: float, nvlink: float) -> DeviceProfile:
-    # Adam on the fp32 master state touches ~72 bytes per parameter (multi-pass foreach kernels),
-    # at 80 % of HBM bandwidth; kernel launches ~5 us.
+    # memory-bound kernels stream at 80 % of HBM bandwidth; kernel launches ~5 us.  The optimizer is
+    # not timed (optim_ns_per_param 0): its bytes (state_ops) over that bandwidth.
     rates = Rates(gemm_tflops=peak * gemm_eff, gemm_gbps=0.8 * hbm, gemm_overhead_us=5.0,
                   attn_tflops=peak * attn_eff, mem_gbps=0.8 * hbm, op_overhead_us=5.0,
-                  optim_ns_per_param=72 / (0.8 * hbm), fp32_gemm_tflops=peak / 16)
+                  optim_ns_per_param=0.0, fp32_gemm_tflops=peak / 16)
     return DeviceProfile(name, "datasheet (docs/plan.md#device-profiles)", {1: rates}, link_gbps=0.8 * nvlink,
                          link_latency_us=10.0)
 
@@ -130,6 +139,10 @@ class Op:
     count: int = 1                               # kernels this op launches
     kind: str = ""                               # measured primitive that prices it (Rates.kind_ns)
     elems: float = 0.0                           # its units of that kind (elements, parameters)
+    cast_bytes: float = 0.0                      # the part of `bytes` moved by dtype-converting kernels
+    # its launches overlap device work queued before them (no host sync between them and the
+    # model's kernels), so by bandwidth it costs its bytes alone, no dispatch per kernel
+    queued: bool = False
 
 
 def gemm_seconds(m: int, k: int, n: int, r: Rates, dtype_bytes: int = 2) -> float:
@@ -219,16 +232,18 @@ def step_ops(cfg: ModelConfig, micro_batch: int, n_micro: int, *, tp: int = 1, l
         ops.append(Op("final_layernorm", "elementwise", 0.0, n_micro * 3 * 2 * Tha, count=n_micro * 3,
                       kind="layernorm", elems=n_micro * T * h))
         ops += [_times(o, n_micro) for o in _gemm("lm_head", T, h, V // tp, ab)]
-        # the trainer's fp32 cross-entropy, forward + backward, timed as one unit by --calibrate
-        # (vocabulary-parallel on DTensor logits with tp > 1); bytes: read logits, fp32 copy,
-        # log-softmax, fp32 gradient and its cast back
-        ops.append(Op("cross_entropy", "loss", 0.0, n_micro * T * V / tp * (3 * ab + 20), count=n_micro * 8,
-                      kind="loss_tp" if tp > 1 else "loss", elems=n_micro * T * V / tp))
+        # the trainer's fp32 cross-entropy, forward + backward: timed as one unit by --calibrate on a
+        # CPU (kind loss / loss_tp), else the bytes its kernels move (loss_traffic)
+        per_logit, cast, kernels = loss_traffic(T, V // tp, precision, tp)
+        logits = n_micro * T * V / tp
+        ops.append(Op("cross_entropy", "loss", 0.0, logits * per_logit, count=n_micro * kernels,
+                      kind="loss_tp" if tp > 1 else "loss", elems=logits, cast_bytes=logits * cast, queued=True))
     return ops
 
 
 def _times(o: Op, k: int) -> Op:
-    return replace(o, flops=o.flops * k, bytes=o.bytes * k, count=o.count * k, elems=o.elems * k)
+    return replace(o, flops=o.flops * k, bytes=o.bytes * k, count=o.count * k, elems=o.elems * k,
+                   cast_bytes=o.cast_bytes * k)
 
 
 def local_params(cfg: ModelConfig, tp: int = 1, layers: int | None = None, first: bool = True,
@@ -258,7 +273,8 @@ def op_seconds(op: Op, r: Rates, precision: str = "bf16") -> float:
     kind = op.kind if op.kind in r.kind_ns else op.kind.removesuffix("_eager")  # profiles before the region
     if kind in r.kind_ns:  # timed as the step calls it, dispatch included
         return op.elems * r.kind_ns[kind] * 1e-9
-    return op.bytes / (r.mem_gbps * 1e9) + op.count * r.op_overhead_us * 1e-6
+    stream = (op.bytes - op.cast_bytes) / (r.mem_gbps * 1e9) + op.cast_bytes / ((r.cast_gbps or r.mem_gbps) * 1e9)
+    return stream + (0.0 if op.queued else op.count * r.op_overhead_us * 1e-6)
 
 
 def all_reduce_seconds(nbytes: float, n: int, gbps: float, latency_us: float) -> float:
@@ -291,19 +307,32 @@ def state_ops(cfg: ModelConfig, n_micro: int, *, tp: int = 1, dp: int = 1, zero:
     n = local_params(cfg, tp)
     ops: list[Op] = []
     low = precision == "bf16"
+    tensors = local_param_tensors(cfg)
+    plain = tp == 1 and dp == 1  # plain tensors: fused AdamW, foreach clipping and copies
     if low and dp == 1:
-        ops.append(Op("master_grad_first", "optimizer", count=1, kind="grad_to_fp32", elems=n))
+        # bytes per parameter: the first micro-batch's ``p.grad.float()`` reads 2 and writes 4 (a
+        # kernel per tensor); a later one's fp32 += bf16 reads 4 + 2 and writes 4 (``_foreach_add_``
+        # over two dtypes takes torch's per-tensor path: a kernel per tensor, as DTensors do).  Both
+        # are dtype-converting kernels, and queue behind the backward's kernels.
+        ops.append(Op("master_grad_first", "optimizer", bytes=6.0 * n, count=tensors, kind="grad_to_fp32", elems=n,
+                      cast_bytes=6.0 * n, queued=True))
         if n_micro > 1:
-            ops.append(Op("master_grad_accumulate", "optimizer", count=n_micro - 1, kind="grad_accumulate",
-                          elems=n * (n_micro - 1)))
+            acc = 10.0 * n * (n_micro - 1)
+            ops.append(Op("master_grad_accumulate", "optimizer", bytes=acc, count=tensors * (n_micro - 1),
+                          kind="grad_accumulate", elems=n * (n_micro - 1), cast_bytes=acc, queued=True))
     if low and dp > 1:
         ops.append(Op("param_cast_bf16", "elementwise", bytes=6.0 * n * n_micro, count=n_micro, kind="cast",
                       elems=n * n_micro))
-        ops.append(Op("grad_cast_fp32", "elementwise", bytes=6.0 * n, count=1, kind="cast", elems=n))
-    tensors = local_param_tensors(cfg)
-    path = "optim" if tp == 1 and dp == 1 else "optim_replicate" if dp > 1 and tp == 1 else "optim_dtensor"
-    ops.append(Op("optimizer_tensors", "optimizer", count=tensors, kind=path + "_tensor", elems=tensors))
-    ops.append(Op("optimizer_params", "optimizer", count=0, kind=path + "_param", elems=n))
+        ops.append(Op("grad_cast_fp32", "elementwise", bytes=6.0 * n, count=1, kind="cast", elems=n,
+                      cast_bytes=6.0 * n))
+    path = "optim" if plain else "optim_replicate" if dp > 1 and tp == 1 else "optim_dtensor"
+    ops.append(Op("optimizer_tensors", "optimizer", count=0 if plain else 8 * tensors, kind=path + "_tensor",
+                  elems=tensors))
+    # plain tensors: foreach norm and mul, fused AdamW, foreach copy back, each a few multi-tensor
+    # launches that queue behind the last backward; DTensors: ~8 kernels per tensor (above)
+    ops.append(Op("optimizer_params", "optimizer", bytes=optimizer_bytes_per_param(precision, tp, dp) * n,
+                  count=multi_tensor_launches(n) * (4 if plain else 0), kind=path + "_param", elems=n,
+                  queued=plain))
     if tp > 1:
         ops.append(Op("tp_blocks_fixed", "framework", count=0, kind="tp_layer", elems=n_micro * cfg.n_layers))
         ops.append(Op("tp_embed_head_loss_fixed", "framework", count=0, kind="tp_base", elems=n_micro))
@@ -327,11 +356,15 @@ def predict_step(cfg: ModelConfig, profile: DeviceProfile, *, micro_batch: int, 
         out[op.category] += op_seconds(op, r, precision)
     n_params = local_params(cfg, tp)
     extra = state_ops(cfg, n_micro, tp=tp, dp=dp, zero=zero, precision=precision)
-    if "optim_param" in r.kind_ns:
-        for op in extra:
+    measured = "optim_param" in r.kind_ns  # a CPU profile: the step's kinds were timed as the trainer runs them
+    for op in extra:
+        if measured:
             out[op.category] += op_seconds(op, r, precision) if op.kind in r.kind_ns else 0.0
-    else:  # a profile without the step's measured kinds (GPU datasheets): AdamW per parameter
-        out["optimizer"] += n_params * r.optim_ns_per_param * 1e-9
+        elif op.name == "optimizer_params" and r.optim_ns_per_param > 0:
+            # a GPU profile from --calibrate timed this very path (clipping, AdamW, copy back) per parameter
+            out[op.category] += op.elems * r.optim_ns_per_param * 1e-9
+        elif op.category != "framework":  # bytes over bandwidth (GPU datasheets)
+            out[op.category] += op_seconds(op, r, precision)
     ab = 4 if precision == "fp32" else 2
     act = micro_batch * cfg.seq_len * cfg.hidden * ab
     if tp > 1:  # 2 all-reduces forward + 2 backward per layer, 1 at the embedding, 1 at the head

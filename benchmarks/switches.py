@@ -1,0 +1,45 @@
+"""Runtime switches for ``ab_steps.py --switch switches:NAME`` that compare a kept change
+with what it replaced, in one process (the replaced code lives here, not in the package).
+
+    python benchmarks/ab_steps.py --switch switches:attention_widened_dp --configs 14m,tiny --pairs 24
+"""
+from __future__ import annotations
+
+import torch
+
+import mtnlg.model.attention as A
+
+_KEPT = A._CausalGemmAttention
+
+
+class _Fp32dPAttention(_KEPT):
+    """The attention kernel's backward before the widened GEMM: dP from an fp32 GEMM of its
+    own (fp32 copies of dO and v), ``dS = (dP - D) * P`` in fp32, rounded once."""
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *probs = ctx.saved_tensors
+        B, H, T, D = ctx.shape
+        do = do.contiguous().view(B * H, T, D)
+        do32 = do.float()
+        v32 = v.float().mul_(ctx.scale)
+        dd = (do32 * o.float()).sum(-1, keepdim=True).mul_(ctx.scale)
+        dq = torch.empty_like(q)
+        dk = dv = None
+        for (r0, r1), p in reversed(list(zip(A._blocks(T), probs))):
+            dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
+            dp = torch.bmm(do32[:, r0:r1], v32[:, :r1].transpose(1, 2))
+            ds = dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
+            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+            dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
+            if dk is None:
+                dk, dv = dki.float(), dvi.float()
+            else:
+                dk[:, :r1] += dki
+                dv[:, :r1] += dvi
+        return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
+
+
+def attention_widened_dp(on: bool) -> None:
+    """True: the kept kernel (dP - D from one bf16 GEMM of widened inputs); False: the fp32 dP."""
+    A._CausalGemmAttention = _KEPT if on else _Fp32dPAttention
