@@ -43,3 +43,17 @@ class _Fp32dPAttention(_KEPT):
 def attention_widened_dp(on: bool) -> None:
     """True: the kept kernel (dP - D from one bf16 GEMM of widened inputs); False: the fp32 dP."""
     A._CausalGemmAttention = _KEPT if on else _Fp32dPAttention
+
+
+_KEPT_LOSS = None
+
+
+def loss_parts_in_denominator(on: bool) -> None:
+    """True: the trainer's 1/n_micro is part of the loss's denominator (kept); False: the loss of
+    each micro-batch is divided after (the trainer before), which makes the bf16 gradient written
+    in the forward pass be scaled by a second pass over the logits' gradient."""
+    global _KEPT_LOSS
+    from mtnlg.train.trainer import Trainer
+    if _KEPT_LOSS is None:
+        _KEPT_LOSS = Trainer._loss
+    Trainer._loss = _KEPT_LOSS if on else (lambda self, x, y, parts=1: _KEPT_LOSS(self, x, y) / parts)

@@ -85,20 +85,28 @@ def _write_grad(p: torch.Tensor, t: torch.Tensor, row_scale: torch.Tensor, out: 
 
 
 def cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, chunk_elems: int | None = None,
-                       denom: float | torch.Tensor | None = None) -> torch.Tensor:
+                       denom: float | torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
     """Mean cross-entropy computed in float32.  Low-precision plain logits take
     the sliced path above; float32 and sharded (tensor-parallel, DTensor)
     logits take ``F.cross_entropy`` (vocabulary-parallel for a DTensor).
 
     With ``denom`` the loss is the *sum* over targets other than
     ``IGNORE_INDEX`` divided by ``denom`` (fine-tuning divides by the loss
-    tokens of the whole global batch, see ``Trainer._loss_scale``)."""
+    tokens of the whole global batch, see ``Trainer._loss_scale``).
+
+    ``parts`` divides the loss once more: the trainer's share of one of ``parts``
+    micro-batches of a step.  It is part of the denominator, not a division of the
+    returned loss, so the gradient that bf16 on CPU writes in the forward pass is
+    the one ``loss.backward()`` wants (unit upstream gradient): no second pass
+    over the logits' gradient to scale it, and one rounding instead of two."""
     if logits.dtype == torch.float32 or type(logits) is not torch.Tensor:
         if denom is None:
-            return F.cross_entropy(logits.float(), targets)
-        return F.cross_entropy(logits.float(), targets, reduction="sum") / denom
+            return F.cross_entropy(logits.float(), targets) / parts
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / (denom * parts)
     if denom is None:  # the mean over the targets that count, as F.cross_entropy (a tensor: no device sync)
         denom = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    if parts != 1:
+        denom = denom * parts
     chunk_elems = chunk_elems or CHUNK_ELEMS.get(logits.device.type, DEFAULT_CHUNK_ELEMS)
     rows = max(1, chunk_elems // logits.shape[-1])
     eager_grad = (logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and torch.is_grad_enabled()

@@ -198,11 +198,12 @@ class Trainer:
         tokens = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; call inside ``topo.loss_context()``."""
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """Mean next-token cross-entropy divided by ``parts`` (the micro-batches of a step);
+        call inside ``topo.loss_context()``."""
         with autocast(self.precision, self.device):
             logits = self._forward(x)
-        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten(), denom=self._denom)
+        return cross_entropy_fp32(logits.flatten(0, 1), y.flatten(), denom=self._denom, parts=parts)
 
     def _forward(self, x):
         """Logits of tokens ``x``, or of fine-tuning's dict: tokens under "x" and
@@ -252,7 +253,7 @@ class Trainer:
                 x, y = self._batch(self.train_data, first + i * mb, mb)
                 topo.before_micro_batch(i == n_micro - 1)
                 with topo.loss_context():  # vocab-parallel loss needs its backward inside too
-                    loss = self._loss(x, y) / n_micro
+                    loss = self._loss(x, y, parts=n_micro)  # 1/n_micro in the loss: its gradient needs no rescaling
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 if self.master:
                     self.master.accumulate_grads()

@@ -55,6 +55,33 @@ def test_sliced_cross_entropy_matches_float32_autograd(chunk_elems, ignore, deno
         assert (ours_in.grad[targets == IGNORE_INDEX] == 0).all()
 
 
+@pytest.mark.parametrize("denom", [None, 123.0])
+def test_a_micro_batchs_share_is_in_the_loss_so_its_gradient_is_rounded_once(denom):
+    """``parts`` (the trainer's 1/n_micro) goes into the denominator: the bf16 gradient is the fp32
+    one of loss/parts rounded once, as ``loss.backward()`` gets it, with no second pass to scale
+    it.  Dividing the returned loss instead (the trainer before) rounds twice: at parts=3 that
+    exceeds the one-rounding bound (observed max 1.5 * 2^-8); at parts=2 both are bitwise equal."""
+    logits, targets = _logits()
+    for parts in (2, 3):
+        ref_in = logits.float().requires_grad_()
+        ref = (F.cross_entropy(ref_in, targets) if denom is None
+               else F.cross_entropy(ref_in, targets, reduction="sum") / denom) / parts
+        ref.backward()
+        ours_in = logits.clone().requires_grad_()
+        ours = cross_entropy_fp32(ours_in, targets, chunk_elems=64 * 512, denom=denom, parts=parts)
+        ours.backward()
+        assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
+        err = (ours_in.grad.float() - ref_in.grad).abs()
+        assert (err <= ref_in.grad.abs() * 2.0 ** -8 * 1.001 + 1e-12).all()
+        divided_in = logits.clone().requires_grad_()
+        (cross_entropy_fp32(divided_in, targets, chunk_elems=64 * 512, denom=denom) / parts).backward()
+        if parts == 2:
+            assert torch.equal(ours_in.grad, divided_in.grad)
+        else:
+            err2 = (divided_in.grad.float() - ref_in.grad).abs()
+            assert not (err2 <= ref_in.grad.abs() * 2.0 ** -8 * 1.001 + 1e-12).all()
+
+
 def test_a_target_whose_probability_underflows_keeps_an_exact_loss():
     """The forward that writes the gradient takes the loss from the target's probability;
     one below fp32's normal range (logit gap 100: p = e^-100 ~ 4e-44) takes log-softmax instead."""
