@@ -24,20 +24,12 @@ class _Fp32dPAttention(_KEPT):
         do32 = do.float()
         v32 = v.float().mul_(ctx.scale)
         dd = (do32 * o.float()).sum(-1, keepdim=True).mul_(ctx.scale)
-        dq = torch.empty_like(q)
-        dk = dv = None
-        for (r0, r1), p in reversed(list(zip(A._blocks(T), probs))):
-            dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
+
+        def score_grad(r0, r1, p):
             dp = torch.bmm(do32[:, r0:r1], v32[:, :r1].transpose(1, 2))
-            ds = dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
-            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
-            dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
-            if dk is None:
-                dk, dv = dki.float(), dvi.float()
-            else:
-                dk[:, :r1] += dki
-                dv[:, :r1] += dvi
-        return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
+            return dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
+
+        return A.block_gradients(q, k, do, probs, ctx.shape, score_grad)
 
 
 def attention_widened_dp(on: bool) -> None:

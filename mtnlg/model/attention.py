@@ -129,18 +129,29 @@ class _CausalGemmAttention(torch.autograd.Function):
         v_aug = v.new_empty(B * H, T, D + 2)
         v_aug[..., :D] = v
         v_aug[..., D:] = 1
-        dq = torch.empty_like(q)
-        dk = dv = None
-        for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):  # the last block spans every key
-            dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
-            ds = torch.bmm(do_aug[:, r0:r1], v_aug[:, :r1].transpose(1, 2)).mul_(p)  # s * (dP - D) * P
-            if not exact:
-                ds.mul_(scale)
-            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
-            dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
-            if dk is None:
-                dk, dv = dki.float(), dvi.float()
-            else:
-                dk[:, :r1] += dki
-                dv[:, :r1] += dvi
-        return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
+
+        def score_grad(r0, r1, p):  # scale * P * (dP - D) of query block r0:r1, bf16
+            ds = torch.bmm(do_aug[:, r0:r1], v_aug[:, :r1].transpose(1, 2)).mul_(p)
+            return ds if exact else ds.mul_(scale)
+
+        return block_gradients(q, k, do, probs, ctx.shape, score_grad)
+
+
+def block_gradients(q, k, do, probs, shape, score_grad):
+    """dq, dk, dv from the query blocks' bf16 probabilities and their score gradients
+    (``score_grad(r0, r1, p)``): per block one bf16 GEMM each for dV and dK's partial sums
+    (added in fp32) and dQ's rows, last block first (it spans every key)."""
+    B, H, T, D = shape
+    dq = torch.empty_like(q)
+    dk = dv = None
+    for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):
+        dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
+        ds = score_grad(r0, r1, p)
+        torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+        dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
+        if dk is None:
+            dk, dv = dki.float(), dvi.float()
+        else:
+            dk[:, :r1] += dki
+            dv[:, :r1] += dvi
+    return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
