@@ -48,5 +48,5 @@ def test_a_switch_that_sleeps_in_b_shows_as_slower(monkeypatch):
                                                     "train.micro_batch=2", "train.global_batch=2"])
     r = ab_steps.run("micro", lambda on: state.update(b=on), pairs=8, warmup=1, precision="bf16", sets=[])
     # the step itself is ~10 ms: B's median lies above A's by about the sleep (loosely: a busy
-    # machine stretches both)
-    assert r["lo"] > 1.0 and 0.15 < r["b_s"] - r["a_s"] < 0.4
+    # machine stretches both, and a loaded one wakes the sleeper late by up to a step or more)
+    assert r["lo"] > 1.0 and 0.15 < r["b_s"] - r["a_s"] < 0.2 + max(0.2, 2 * r["a_s"])
