@@ -2,17 +2,98 @@
 with what it replaced, in one process (the replaced code lives here, not in the package).
 
     python benchmarks/ab_steps.py --switch switches:attention_widened_dp --configs 14m,tiny --pairs 24
+    python benchmarks/ab_steps.py --switch switches:attention_packed --configs 14m,tiny --pairs 24
 """
 from __future__ import annotations
 
 import torch
+
+import math
 
 import mtnlg.model.attention as A
 
 _KEPT = A._CausalGemmAttention
 
 
-class _Fp32dPAttention(_KEPT):
+class _UnpackedAttention(torch.autograd.Function):
+    """The kernel before session 7: (B, H, T, D) inputs made contiguous first, fp32 copies of
+    q and k in (B*H, T, D) sliced per block (``bmm`` copies each slice), the output a
+    (B, H, T, D) tensor that the model transposes and copies, gradients concatenated by
+    autograd (``split``'s backward) and copied again into the projection's layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, H, T, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        q, k, v = (t.contiguous().view(B * H, T, D) for t in (q, k, v))
+        q32 = q.float().mul_(scale)
+        k32 = k.float()
+        o = torch.empty_like(q)
+        probs = []
+        for r0, r1 in A._blocks(T):
+            s = torch.bmm(q32[:, r0:r1], k32[:, :r1].transpose(1, 2))
+            s[..., r0:] += A._causal_bias(r1 - r0, q.device)
+            p = torch.softmax(s, dim=-1).to(q.dtype)
+            torch.bmm(p, v[:, :r1], out=o[:, r0:r1])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, o, *probs)
+        ctx.scale, ctx.shape = scale, (B, H, T, D)
+        return o.view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *probs = ctx.saved_tensors
+        B, H, T, D = ctx.shape
+        scale = ctx.scale
+        bf = q.dtype
+        do = do.contiguous().view(B * H, T, D)
+        dd = (do.float() * o.float()).sum(-1, keepdim=True)
+        exact = scale == 2.0 ** round(math.log2(scale))
+        s = scale if exact else 1.0
+        hi = dd.to(bf)
+        do_aug = do.new_empty(B * H, T, D + 2)
+        torch.mul(do, s, out=do_aug[..., :D])
+        do_aug[..., D:D + 1] = hi * -s
+        do_aug[..., D + 1:] = dd.sub_(hi.float()).mul_(-s)
+        v_aug = v.new_empty(B * H, T, D + 2)
+        v_aug[..., :D] = v
+        v_aug[..., D:] = 1
+
+        def score_grad(r0, r1, p):
+            ds = torch.bmm(do_aug[:, r0:r1], v_aug[:, :r1].transpose(1, 2)).mul_(p)
+            return ds if exact else ds.mul_(scale)
+
+        return _block_gradients(q, k, do, probs, ctx.shape, score_grad)
+
+
+def _block_gradients(q, k, do, probs, shape, score_grad):
+    B, H, T, D = shape
+    dq = torch.empty_like(q)
+    dk = dv = None
+    for (r0, r1), p in reversed(list(zip(A._blocks(T), probs))):
+        dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
+        ds = score_grad(r0, r1, p)
+        torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+        dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
+        if dk is None:
+            dk, dv = dki.float(), dvi.float()
+        else:
+            dk[:, :r1] += dki
+            dv[:, :r1] += dvi
+    return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
+
+
+def _packed(kernel):
+    """``kernel`` (q, k, v in (B, H, T, D)) behind the packed kernel's interface."""
+    class Packed:
+        @staticmethod
+        def apply(qkv):
+            q, k, v = qkv.transpose(1, 2).split(qkv.shape[-1] // 3, dim=-1)
+            return kernel.apply(q, k, v).transpose(1, 2)
+    return Packed
+
+
+class _Fp32dPAttention(_UnpackedAttention):
     """The attention kernel's backward before the widened GEMM: dP from an fp32 GEMM of its
     own (fp32 copies of dO and v), ``dS = (dP - D) * P`` in fp32, rounded once."""
 
@@ -29,12 +110,19 @@ class _Fp32dPAttention(_KEPT):
             dp = torch.bmm(do32[:, r0:r1], v32[:, :r1].transpose(1, 2))
             return dp.sub_(dd[:, r0:r1]).mul_(p).to(q.dtype)
 
-        return A.block_gradients(q, k, do, probs, ctx.shape, score_grad)
+        return _block_gradients(q, k, do, probs, ctx.shape, score_grad)
 
 
 def attention_widened_dp(on: bool) -> None:
-    """True: the kept kernel (dP - D from one bf16 GEMM of widened inputs); False: the fp32 dP."""
-    A._CausalGemmAttention = _KEPT if on else _Fp32dPAttention
+    """True: the widened-GEMM dP - D (session 6); False: the fp32 dP.  Both in the kernel's
+    layout before session 7 (``_UnpackedAttention``)."""
+    A._CausalGemmAttention = _packed(_UnpackedAttention if on else _Fp32dPAttention)
+
+
+def attention_packed(on: bool) -> None:
+    """True: the kept kernel (session 7: packed qkv in and out, query blocks contiguous);
+    False: the kernel before (``_UnpackedAttention``) with its copies around it."""
+    A._CausalGemmAttention = _KEPT if on else _packed(_UnpackedAttention)
 
 
 _KEPT_LOSS = None

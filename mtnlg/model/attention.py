@@ -48,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOCK = 64       # queries per block (64 vs 128: 1.0x at seq 256, 1.13x at seq 1024 on the 2-core CPU)
+BLOCK = 64       # queries per block of the forward's fp32 scores and softmax
 MAX_SEQ = 1024   # longest sequence whose probabilities (about B*H*T^2/2 bf16) are kept for the backward
 
 
@@ -64,19 +64,37 @@ def probability_bytes(batch: int, heads: int, seq: int) -> int:
     end; 0 past ``MAX_SEQ``, where SDPA runs."""
     if seq > MAX_SEQ:
         return 0
-    return batch * heads * sum((r1 - r0) * r1 for r0, r1 in _blocks(seq)) * 2
+    return batch * heads * sum((r1 - r0) * r1 for r0, r1 in _blocks(seq, backward_block(seq))) * 2
+
+
+def backward_block(T: int) -> int:
+    """Queries per block of the backward and of the kept probabilities: whole forward blocks,
+    at least two, and at most about four blocks per sequence (fewer, larger blocks were
+    faster on the 2-core CPU: 2 x 64 at 256 tokens, 4 x 64 at 1024, ``benchmarks/attention_cpu.py``)."""
+    return BLOCK * max(2, -(-T // (4 * BLOCK)))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + causal mask) v over (B, H, T, D) tensors."""
     if uses_gemm_kernel(q, dropout_p):
-        return _CausalGemmAttention.apply(q, k, v)
+        return _CausalGemmAttention.apply(torch.cat((q, k, v), -1).transpose(1, 2)).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
-def _blocks(T: int):
-    for r0 in range(0, T, BLOCK):
-        yield r0, min(T, r0 + BLOCK)
+def packed_causal_attention(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """``causal_attention`` of the fused projection's output ``qkv`` (B, T, H, 3D), per head
+    ``[q | k | v]``; returns (B, T, H, D).  The GEMM kernel reads and writes these layouts
+    directly (its gradient is qkv's, with no copy or concatenation by autograd)."""
+    q, k, v = qkv.transpose(1, 2).split(qkv.shape[-1] // 3, dim=-1)
+    if uses_gemm_kernel(q, dropout_p):
+        return _CausalGemmAttention.apply(qkv)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p).transpose(1, 2)
+
+
+def _blocks(T: int, n: int = 0, start: int = 0):
+    n = n or BLOCK
+    for r0 in range(start, T, n):
+        yield r0, min(T, r0 + n)
 
 
 def _causal_bias(n: int, device) -> torch.Tensor:
@@ -84,74 +102,116 @@ def _causal_bias(n: int, device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=device).triu_(1)
 
 
+def block_views(buf: torch.Tensor, BH: int, blocks, width: int) -> list[torch.Tensor]:
+    """Query-block-major views of a flat buffer: block ``(r0, r1)`` is its own contiguous
+    (BH, r1 - r0, width) tensor, the layout ``bmm`` takes without copying (a slice
+    ``x[:, r0:r1]`` of a (BH, T, width) tensor it copies first)."""
+    views, off = [], 0
+    for r0, r1 in blocks:
+        n = BH * (r1 - r0) * width
+        views.append(buf[off:off + n].view(BH, r1 - r0, width))
+        off += n
+    return views
+
+
+def fill_blocks(views, x: torch.Tensor, col: int = 0) -> None:
+    """Copy x (B, T, H, d), any strides and dtype, into columns ``col:col + d`` of the block
+    views: the full blocks in one copy, a shorter last block in a second."""
+    B, T, H, d = x.shape
+    n = views[0].shape[1]
+    full = sum(1 for v in views if v.shape[1] == n)
+    width = views[0].shape[2]
+    first = views[0].storage_offset()
+    dst = views[0].as_strided((full, B, H, n, d), (B * H * n * width, H * n * width, n * width, width, 1),
+                              first + col)
+    dst.copy_(x[:, :full * n].view(B, full, n, H, d).permute(1, 0, 3, 2, 4))
+    if full < len(views):
+        last = views[-1]
+        last.view(B, H, last.shape[1], width)[..., col:col + d].copy_(x[:, full * n:].transpose(1, 2))
+
+
 class _CausalGemmAttention(torch.autograd.Function):
-    """Every GEMM skips the blocks above the diagonal: query block i (rows
-    ``r0:r1``) meets keys ``[0, r1)`` only.  Each block's probabilities are kept
-    as their own contiguous (B*H, r1 - r0, r1) bf16 tensor; the key-side
-    gradients (dK, dV) sum one bf16 GEMM per query block in fp32.  Everything
-    runs on (B*H, T, D) views through ``bmm`` (``matmul`` on the 4-D slices
-    copies its operands: 1.4x slower here)."""
+    """Input the packed projection ``qkv`` (B, T, H, 3D) (per head ``[q | k | v]``), output
+    (B, H, T, D) (a transposed view of (B*H, T, D)), input gradient in qkv's layout, so that
+    autograd neither concatenates nor copies the three gradients.  Every GEMM skips the blocks
+    above the diagonal: query block i (rows ``r0:r1``) meets keys ``[0, r1)`` only.
+
+    The forward takes fp32 scores and their softmax by blocks of ``BLOCK`` queries and writes
+    the bf16 probabilities into blocks of ``backward_block(T)`` queries (zero above the
+    causal edge), kept for the backward, which works by these larger blocks: half the calls
+    and fp32 partial sums of dK and dV, larger GEMMs, for 12.5 % more GEMM work at 256
+    tokens (the forward's fp32 score GEMM and softmax keep the small blocks).  Query-side
+    operands are contiguous per block (``block_views``), key-side ones (B*H, T, D)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        B, H, T, D = q.shape
+    def forward(ctx, qkv):
+        B, T, H, D3 = qkv.shape
+        D, BH = D3 // 3, B * H
         scale = 1.0 / math.sqrt(D)
-        q, k, v = (t.contiguous().view(B * H, T, D) for t in (q, k, v))
-        q32 = q.float().mul_(scale)
-        k32 = k.float()
-        o = torch.empty_like(q)
-        probs = []
-        for r0, r1 in _blocks(T):
-            s = torch.bmm(q32[:, r0:r1], k32[:, :r1].transpose(1, 2))
-            s[..., r0:] += _causal_bias(r1 - r0, q.device)  # the diagonal block; keys before r0 are all seen
-            p = torch.softmax(s, dim=-1).to(q.dtype)
-            torch.bmm(p, v[:, :r1], out=o[:, r0:r1])
+        small, big = BLOCK, backward_block(T)
+        q16 = qkv.new_empty(BH * T * D)
+        fill_blocks(block_views(q16, BH, _blocks(T, small), D), qkv[..., :D])
+        q32 = block_views(q16.float().mul_(scale), BH, _blocks(T, small), D)  # exact inputs, fp32 scores
+        k32 = qkv[..., D:2 * D].transpose(1, 2).contiguous().view(BH, T, D).float()
+        v = qkv[..., 2 * D:].transpose(1, 2).contiguous().view(BH, T, D)
+        o = qkv.new_empty(BH, T, D)
+        probs, i = [], 0
+        for R0, R1 in _blocks(T, big):
+            p = qkv.new_empty(BH, R1 - R0, R1)
+            for r0, r1 in _blocks(R1, small, R0):
+                s = torch.bmm(q32[i], k32[:, :r1].transpose(1, 2))
+                s[..., r0:] += _causal_bias(r1 - r0, qkv.device)  # the diagonal block; keys before r0 are all seen
+                p[:, r0 - R0:r1 - R0, :r1] = torch.softmax(s, dim=-1)  # rounded once to bf16
+                p[:, r0 - R0:r1 - R0, r1:] = 0
+                i += 1
+            torch.bmm(p, v[:, :R1], out=o[:, R0:R1])  # oneDNN writes the strided rows in place
             probs.append(p)
-        ctx.save_for_backward(q, k, v, o, *probs)
-        ctx.scale, ctx.shape = scale, (B, H, T, D)
-        return o.view(B, H, T, D)
+        ctx.save_for_backward(qkv, o, *probs)
+        ctx.scale = scale
+        return o.view(B, H, T, D).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, *probs = ctx.saved_tensors
-        B, H, T, D = ctx.shape
-        scale = ctx.scale
-        bf = q.dtype
-        do = do.contiguous().view(B * H, T, D)
-        dd = (do.float() * o.float()).sum(-1, keepdim=True)  # D = rowsum(dO * O), fp32
+        qkv, o, *probs = ctx.saved_tensors
+        B, T, H, D3 = qkv.shape
+        D, BH = D3 // 3, B * H
+        scale, bf = ctx.scale, qkv.dtype
+        blocks = list(_blocks(T, backward_block(T)))
         exact = scale == 2.0 ** round(math.log2(scale))  # folds into dO and D without rounding
         s = scale if exact else 1.0
+        # D = rowsum(dO * O) in fp32, (B, T, H, 1), split into two bf16 numbers
+        dd = do.float().mul_(o.view(B, H, T, D).transpose(1, 2)).sum(-1, keepdim=True)
         hi = dd.to(bf)
-        do_aug = do.new_empty(B * H, T, D + 2)
-        torch.mul(do, s, out=do_aug[..., :D])
-        do_aug[..., D:D + 1] = hi * -s
-        do_aug[..., D + 1:] = dd.sub_(hi.float()).mul_(-s)
-        v_aug = v.new_empty(B * H, T, D + 2)
-        v_aug[..., :D] = v
+        hilo = torch.cat((hi * -s, dd.sub_(hi.float()).mul_(-s).to(bf)), -1)
+        dob = block_views(do.new_empty(BH * T * D), BH, blocks, D)
+        fill_blocks(dob, do)
+        do_aug = block_views(do.new_empty(BH * T * (D + 2)), BH, blocks, D + 2)  # [dO s, -D_hi s, -D_lo s]
+        torch.mul(dob[0].as_strided((BH * T, D), (D, 1)), s,
+                  out=do_aug[0].as_strided((BH * T, D), (D + 2, 1)))  # the same rows in the same order
+        fill_blocks(do_aug, hilo, D)
+        qb = block_views(do.new_empty(BH * T * D), BH, blocks, D)
+        fill_blocks(qb, qkv[..., :D])
+        k = qkv[..., D:2 * D].transpose(1, 2).contiguous().view(BH, T, D)
+        v_aug = qkv.new_empty(B, H, T, D + 2)  # [v, 1, 1]
+        v_aug[..., :D] = qkv[..., 2 * D:].transpose(1, 2)
         v_aug[..., D:] = 1
-
-        def score_grad(r0, r1, p):  # scale * P * (dP - D) of query block r0:r1, bf16
-            ds = torch.bmm(do_aug[:, r0:r1], v_aug[:, :r1].transpose(1, 2)).mul_(p)
-            return ds if exact else ds.mul_(scale)
-
-        return block_gradients(q, k, do, probs, ctx.shape, score_grad)
-
-
-def block_gradients(q, k, do, probs, shape, score_grad):
-    """dq, dk, dv from the query blocks' bf16 probabilities and their score gradients
-    (``score_grad(r0, r1, p)``): per block one bf16 GEMM each for dV and dK's partial sums
-    (added in fp32) and dQ's rows, last block first (it spans every key)."""
-    B, H, T, D = shape
-    dq = torch.empty_like(q)
-    dk = dv = None
-    for (r0, r1), p in reversed(list(zip(_blocks(T), probs))):
-        dvi = torch.bmm(p.transpose(1, 2), do[:, r0:r1])
-        ds = score_grad(r0, r1, p)
-        torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
-        dki = torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
-        if dk is None:
-            dk, dv = dki.float(), dvi.float()
-        else:
-            dk[:, :r1] += dki
-            dv[:, :r1] += dvi
-    return tuple(t.view(B, H, T, D) for t in (dq, dk.to(q.dtype), dv.to(q.dtype)))
+        v_aug = v_aug.view(BH, T, D + 2)
+        dq = qkv.new_empty(BH, T, D)
+        dk = dv = None
+        for i in reversed(range(len(blocks))):  # the last block first: it spans every key
+            (r0, r1), p = blocks[i], probs[i]
+            dvi = torch.bmm(p.transpose(1, 2), dob[i])
+            ds = torch.bmm(do_aug[i], v_aug[:, :r1].transpose(1, 2)).mul_(p)  # scale * P * (dP - D)
+            if not exact:
+                ds.mul_(scale)
+            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+            dki = torch.bmm(ds.transpose(1, 2), qb[i])
+            if dk is None:  # dK and dV: fp32 sums of the blocks' bf16 GEMMs
+                dk, dv = dki.float(), dvi.float()
+            else:
+                dk[:, :r1] += dki
+                dv[:, :r1] += dvi
+        dqkv = torch.empty_like(qkv)
+        for t, col in ((dq, 0), (dk, D), (dv, 2 * D)):
+            dqkv[..., col:col + D].copy_(t.view(B, H, T, D).transpose(1, 2))
+        return dqkv

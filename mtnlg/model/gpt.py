@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mtnlg.config import ModelConfig, gelu_approximation
 from mtnlg.model.bias_gelu import linear_gelu
-from mtnlg.model.attention import causal_attention
+from mtnlg.model.attention import packed_causal_attention
 
 
 @dataclass
@@ -97,16 +97,17 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache=None, start: int | torch.Tensor = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim).transpose(1, 2)  # B, H, T, 3D
-        q, k, v = qkv.split(self.head_dim, dim=-1)
+        qkv = self.qkv(x).view(B, T, -1, 3 * self.head_dim)  # B, T, H, 3D
+        if cache is None and mask is None:  # B, T, H, D
+            y = packed_causal_attention(qkv, dropout_p=self.dropout if self.training else 0.0)
+            return self.resid_drop(self.proj(y.reshape(B, T, -1)))
+        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)
         if cache is not None:  # incremental decoding: the cache knows which earlier keys each query sees
             y = (cache.attend(self.layer_id, q, k, v, start) if mask is None
                  else cache.attend(self.layer_id, q, k, v, start, mask))
-        elif mask is not None:  # (B, 1, T, T) boolean, from GPT.padding_mask
+        else:  # (B, 1, T, T) boolean, from GPT.padding_mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            y = causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 

@@ -32,6 +32,15 @@ def bf16_run(fn, q, k, v, do):
     return [t.double() for t in (o.detach(), q.grad, k.grad, v.grad)]
 
 
+def packed_run(q, k, v, do):
+    """The kernel as the model calls it: the packed (B, T, H, 3D) projection in, its gradient out."""
+    D = q.shape[-1]
+    qkv = torch.cat((q, k, v), -1).transpose(1, 2).contiguous().requires_grad_()
+    o = A._CausalGemmAttention.apply(qkv)  # (B, T, H, D)
+    o.backward(do.transpose(1, 2))
+    return [t.double() for t in (o.detach().transpose(1, 2), *qkv.grad.transpose(1, 2).split(D, dim=-1))]
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -44,14 +53,15 @@ def inputs(B, H, T, D, seed=0):
     return q, k, v, torch.randn(B, H, T, D, generator=g).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 200, 32, 64),    # three full blocks and a ragged one
+@pytest.mark.parametrize("B,H,T,D,block", [(2, 3, 200, 32, 64),    # 3 full blocks and a ragged one; backward 128 + 72
                                            (2, 2, 96, 64, 128),    # one block
-                                           (1, 2, 130, 16, 32)])   # five blocks, the last one 2 rows
+                                           (1, 2, 130, 16, 32),    # 5 blocks, the last one 2 rows; backward 64, 64, 2
+                                           (1, 1, 520, 16, 32)])   # 17 blocks; backward 160, 160, 160, 40
 def test_gemm_attention_is_as_accurate_as_sdpa(monkeypatch, B, H, T, D, block):
     monkeypatch.setattr(A, "BLOCK", block)
     q, k, v, do = inputs(B, H, T, D)
     ref = reference(q, k, v, do)
-    ours = bf16_run(A._CausalGemmAttention.apply, q, k, v, do)
+    ours = packed_run(q, k, v, do)
     sdpa = bf16_run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, do)
     for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, ref):
         e_ours, e_sdpa = rel(o, r), rel(s, r)
@@ -67,7 +77,7 @@ def test_a_planted_answer_each_query_sees_only_its_past():
     q = torch.zeros(B, H, T, D, dtype=torch.bfloat16)
     k = torch.zeros_like(q)
     v = torch.arange(T, dtype=torch.float32).view(1, 1, T, 1).expand(B, H, T, D).to(torch.bfloat16)
-    o = A._CausalGemmAttention.apply(q, k, v)
+    o = A.causal_attention(q, k, v)  # bf16 on CPU: the kernel
     expect = (torch.arange(T, dtype=torch.float64) / 2).view(1, 1, T, 1).expand(B, H, T, D)
     # two bf16 roundings (the probabilities, the output), unit roundoff 2^-8 each; SDPA is exact here
     assert torch.allclose(o.double(), expect, rtol=2 ** -7, atol=0)
@@ -85,11 +95,45 @@ def test_dispatch_runs_the_kernel_only_where_it_is_meant_to():
 
 
 def test_probability_bytes_counts_the_blocks_kept():
-    # 14M benchmark shapes: blocks of 64 queries over 256 positions keep 64 * (64 + 128 + 192 + 256) per head
-    assert A.BLOCK == 64
-    assert A.probability_bytes(8, 6, 256) == 8 * 6 * 64 * (64 + 128 + 192 + 256) * 2
+    # 14M benchmark shapes: backward blocks of 128 queries over 256 positions keep 128 * (128 + 256) per head
+    assert A.BLOCK == 64 and A.backward_block(256) == 128 and A.backward_block(1024) == 256
+    assert A.probability_bytes(8, 6, 256) == 8 * 6 * 128 * (128 + 256) * 2
     assert A.probability_bytes(8, 6, 50) == 8 * 6 * 50 * 50 * 2
+    assert A.probability_bytes(2, 1, 1024) == 2 * 256 * (256 + 512 + 768 + 1024) * 2
     assert A.probability_bytes(1, 1, A.MAX_SEQ + 1) == 0
+
+
+def test_the_kept_probabilities_are_what_probability_bytes_counts():
+    q, k, v, _ = inputs(2, 3, 200, 16)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        packed = torch.cat((q, k, v), -1).transpose(1, 2).contiguous().requires_grad_()
+        A._CausalGemmAttention.apply(packed)
+    probs = [t for t in kept if t.dim() == 3 and t.shape[-1] != 16]  # the rest: the packed input, the (B*H, T, 16) output
+    assert sum(t.numel() * t.element_size() for t in probs) == A.probability_bytes(2, 3, 200)
+
+
+def test_block_views_hold_the_rows_of_each_block():
+    # a ragged last block; any strides in: the model's q is a strided view of the packed projection
+    B, T, H, d = 2, 150, 3, 5
+    x = torch.randn(B, T, H, 3 * d)[..., d:2 * d]
+    blocks = list(A._blocks(T, 64))
+    buf = torch.full((B * H * T * (d + 2),), -1.0)
+    views = A.block_views(buf, B * H, blocks, d + 2)
+    A.fill_blocks(views, x, col=1)
+    plain = x.transpose(1, 2).reshape(B * H, T, d)
+    for (r0, r1), view in zip(blocks, views):
+        assert view.is_contiguous() and view.shape == (B * H, r1 - r0, d + 2)
+        assert torch.equal(view[..., 1:d + 1], plain[:, r0:r1])
+        assert (view[..., 0] == -1).all() and (view[..., -1] == -1).all()  # the other columns untouched
+    assert sum(v.numel() for v in views) == buf.numel()
+
+
+def test_unpacked_entry_point_is_the_packed_kernel():
+    q, k, v, do = inputs(2, 2, 100, 16)
+    ours = bf16_run(A.causal_attention, q, k, v, do)
+    for a, b in zip(ours, packed_run(q, k, v, do)):
+        assert torch.equal(a, b)
 
 
 def test_the_bf16_model_trains_through_the_kernel_and_matches_sdpa(monkeypatch):
@@ -102,7 +146,7 @@ def test_the_bf16_model_trains_through_the_kernel_and_matches_sdpa(monkeypatch):
 
     loss, grads = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
-    monkeypatch.setattr(A, "uses_gemm_kernel", lambda *a, **k: False)
+    monkeypatch.setattr(A, "uses_gemm_kernel", lambda *a, **k: False)  # SDPA
     loss_sdpa, grads_sdpa = loss_and_grads(model, x)
     assert len(calls) == cfg.n_layers
     assert abs(loss - loss_sdpa) < 1e-2 * loss_sdpa

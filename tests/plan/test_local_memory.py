@@ -33,10 +33,11 @@ def test_memory_model_parts():
     assert m["parts"]["logits_and_loss"] == T * V * (2 + 6)
     prof = DeviceProfile("x", "test", {1: Rates(**{**HAND.__dict__, "kind_ns": {"loss_bytes": 3.5}})}, cores=1)
     assert predict_memory(TINY, prof, micro_batch=8)["parts"]["logits_and_loss"] == T * V * (2 + 3.5)
-    # bf16 on CPU: the attention kernel's probabilities per layer, by query blocks of 64 (s <= 64: one
-    # s x s block); none in fp32 (SDPA); heads split by tensor parallelism
+    # bf16 on CPU: the attention kernel's probabilities per layer, by the backward's query blocks of
+    # 128 (s <= 128: one s x s block); none in fp32 (SDPA); heads split by tensor parallelism
     s, a = TINY.seq_len, TINY.n_heads
-    kept = sum((min(s, r0 + 64) - r0) * min(s, r0 + 64) for r0 in range(0, s, 64))
+    assert s <= 512  # blocks of 128 up to 512 positions
+    kept = sum((min(s, r0 + 128) - r0) * min(s, r0 + 128) for r0 in range(0, s, 128))
     assert m["parts"]["attention_probs"] == TINY.n_layers * 8 * a * kept * 2
     assert "attention_probs" not in predict_memory(TINY, None, micro_batch=8, precision="fp32")["parts"]
     assert predict_memory(TINY, None, micro_batch=8, tp=2)["parts"]["attention_probs"] == TINY.n_layers * 8 * a // 2 * kept * 2
@@ -67,14 +68,14 @@ def test_gradients_alive_at_the_peak_by_hand():
     tiny (4 layers, width 256, vocab 8192 padded, seq 256), one micro-batch of 8, bf16, no profile:
     n = 4·(12·256² + 13·256) + 8192·256 + 256·256 + 2·256 = 5,322,240 parameters;
     activations 4·2048·256·16·2 = 67,108,864; logits and loss 2048·8192·(2 + 6) = 134,217,728;
-    attention probabilities 4·8·4·(64·(64+128+192+256))·2 = 10,485,760."""
+    attention probabilities 4·8·4·(128·(128+256))·2 = 12,582,912."""
     tiny = load_config(None, ["model.n_layers=4", "model.hidden=256", "model.n_heads=4", "model.seq_len=256",
                               "model.vocab_size=8192"]).model
     n = 5_322_240
-    rest = 67_108_864 + 134_217_728 + 10_485_760
+    rest = 67_108_864 + 134_217_728 + 12_582_912
     one = predict_memory(tiny, None, micro_batch=8, global_batch=8)
     assert one["parts"]["gradients"] == 0 and one["peak"] == "loss"
-    assert one["bytes"] == (2 + 12) * n + rest                   # 286,323,712 (the old formula: 318,257,152)
+    assert one["bytes"] == (2 + 12) * n + rest                   # 288,420,864
     dp = predict_memory(tiny, None, micro_batch=8, dp=2, global_batch=16)
     assert dp["bytes"] == (4 + 2 + 8) * n + rest                 # fp32 params, bf16 copies, Adam
     # two micro-batches: the first one's fp32 accumulators (master gradients / replicate's
