@@ -102,6 +102,11 @@ def _causal_bias(n: int, device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=device).triu_(1)
 
 
+def _causal_biases(T: int, device) -> dict[int, torch.Tensor]:
+    """``_causal_bias`` for each block size of a length-T sequence (at most two), made once per call."""
+    return {n: _causal_bias(n, device) for n in {min(BLOCK, T), T % BLOCK or BLOCK}}
+
+
 def block_views(buf: torch.Tensor, BH: int, blocks, width: int) -> list[torch.Tensor]:
     """Query-block-major views of a flat buffer: block ``(r0, r1)`` is its own contiguous
     (BH, r1 - r0, width) tensor, the layout ``bmm`` takes without copying (a slice
@@ -155,20 +160,23 @@ class _CausalGemmAttention(torch.autograd.Function):
         k32 = qkv[..., D:2 * D].transpose(1, 2).contiguous().view(BH, T, D).float()
         v = qkv[..., 2 * D:].transpose(1, 2).contiguous().view(BH, T, D)
         o = qkv.new_empty(BH, T, D)
+        bias = _causal_biases(T, qkv.device)
         probs, i = [], 0
         for R0, R1 in _blocks(T, big):
             p = qkv.new_empty(BH, R1 - R0, R1)
             for r0, r1 in _blocks(R1, small, R0):
                 s = torch.bmm(q32[i], k32[:, :r1].transpose(1, 2))
-                s[..., r0:] += _causal_bias(r1 - r0, qkv.device)  # the diagonal block; keys before r0 are all seen
+                s[..., r0:] += bias[r1 - r0]  # the diagonal block; keys before r0 are all seen
                 p[:, r0 - R0:r1 - R0, :r1] = torch.softmax(s, dim=-1)  # rounded once to bf16
-                p[:, r0 - R0:r1 - R0, r1:] = 0
+                if r1 < R1:
+                    p[:, r0 - R0:r1 - R0, r1:] = 0
                 i += 1
             torch.bmm(p, v[:, :R1], out=o[:, R0:R1])  # oneDNN writes the strided rows in place
             probs.append(p)
+        o = o.view(B, H, T, D).transpose(1, 2).contiguous()  # (B, T, H, D): the model's view to (B, T, H*D) is free
         ctx.save_for_backward(qkv, o, *probs)
         ctx.scale = scale
-        return o.view(B, H, T, D).transpose(1, 2)
+        return o
 
     @staticmethod
     def backward(ctx, do):
@@ -180,7 +188,7 @@ class _CausalGemmAttention(torch.autograd.Function):
         exact = scale == 2.0 ** round(math.log2(scale))  # folds into dO and D without rounding
         s = scale if exact else 1.0
         # D = rowsum(dO * O) in fp32, (B, T, H, 1), split into two bf16 numbers
-        dd = do.float().mul_(o.view(B, H, T, D).transpose(1, 2)).sum(-1, keepdim=True)
+        dd = do.float().mul_(o).sum(-1, keepdim=True)
         hi = dd.to(bf)
         hilo = torch.cat((hi * -s, dd.sub_(hi.float()).mul_(-s).to(bf)), -1)
         dob = block_views(do.new_empty(BH * T * D), BH, blocks, D)
