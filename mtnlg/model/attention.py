@@ -135,6 +135,21 @@ def fill_blocks(views, x: torch.Tensor, col: int = 0) -> None:
         last.view(B, H, last.shape[1], width)[..., col:col + d].copy_(x[:, full * n:].transpose(1, 2))
 
 
+def sum_rounded_once(terms: list[torch.Tensor], out: torch.Tensor) -> None:
+    """out = the sum of the bf16 ``terms`` in fp32, rounded once to out's dtype (bf16 in, bf16 out:
+    an elementwise op on bf16 computes in fp32 and rounds its result, so two terms need no fp32
+    copy; more are summed in an fp32 accumulator, in the order given)."""
+    if len(terms) == 1:
+        out.copy_(terms[0])
+        return
+    acc = terms[0]
+    if len(terms) > 2:
+        acc = terms[0].float()
+        for t in terms[1:-1]:
+            acc += t
+    torch.add(acc, terms[-1], out=out)
+
+
 class _CausalGemmAttention(torch.autograd.Function):
     """Input the packed projection ``qkv`` (B, T, H, 3D) (per head ``[q | k | v]``), output
     (B, H, T, D) (a transposed view of (B*H, T, D)), input gradient in qkv's layout, so that
@@ -204,22 +219,17 @@ class _CausalGemmAttention(torch.autograd.Function):
         v_aug[..., :D] = qkv[..., 2 * D:].transpose(1, 2)
         v_aug[..., D:] = 1
         v_aug = v_aug.view(BH, T, D + 2)
-        dq = qkv.new_empty(BH, T, D)
-        dk = dv = None
+        dqkv = torch.empty_like(qkv)
+        out = [dqkv[..., c:c + D].transpose(1, 2) for c in (0, D, 2 * D)]  # (B, H, T, D) views
+        parts_k, parts_v = [], []  # each query block's bf16 dK, dV over keys [0, r1), the last block's first
         for i in reversed(range(len(blocks))):  # the last block first: it spans every key
             (r0, r1), p = blocks[i], probs[i]
-            dvi = torch.bmm(p.transpose(1, 2), dob[i])
+            parts_v.append(torch.bmm(p.transpose(1, 2), dob[i]))
             ds = torch.bmm(do_aug[i], v_aug[:, :r1].transpose(1, 2)).mul_(p)  # scale * P * (dP - D)
             if not exact:
                 ds.mul_(scale)
-            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
-            dki = torch.bmm(ds.transpose(1, 2), qb[i])
-            if dk is None:  # dK and dV: fp32 sums of the blocks' bf16 GEMMs
-                dk, dv = dki.float(), dvi.float()
-            else:
-                dk[:, :r1] += dki
-                dv[:, :r1] += dvi
-        dqkv = torch.empty_like(qkv)
-        for t, col in ((dq, 0), (dk, D), (dv, 2 * D)):
-            dqkv[..., col:col + D].copy_(t.view(B, H, T, D).transpose(1, 2))
+            out[0][:, :, r0:r1] = torch.bmm(ds, k[:, :r1]).view(B, H, r1 - r0, D)
+            parts_k.append(torch.bmm(ds.transpose(1, 2), qb[i]))
+            for parts, o in ((parts_k, out[1]), (parts_v, out[2])):  # keys r0:r1 have all their terms now
+                sum_rounded_once([t[:, r0:r1].view(B, H, r1 - r0, D) for t in parts], o[:, :, r0:r1])
         return dqkv
