@@ -69,9 +69,9 @@ def probability_bytes(batch: int, heads: int, seq: int) -> int:
 
 def backward_block(T: int) -> int:
     """Queries per block of the backward and of the kept probabilities: whole forward blocks,
-    at least two, and at most about four blocks per sequence (fewer, larger blocks were
-    faster on the 2-core CPU: 2 x 64 at 256 tokens, 4 x 64 at 1024, ``benchmarks/attention_cpu.py``)."""
-    return BLOCK * max(2, -(-T // (4 * BLOCK)))
+    at least 128 queries, and at most about four blocks per sequence (fewer, larger blocks were
+    faster on the 2-core CPU: 2 x 128 at 256 tokens, 4 x 256 at 1024, ``benchmarks/attention_cpu.py``)."""
+    return BLOCK * max(-(-128 // BLOCK), -(-T // (4 * BLOCK)))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -205,20 +205,21 @@ class _CausalGemmAttention(torch.autograd.Function):
         # D = rowsum(dO * O) in fp32, (B, T, H, 1), split into two bf16 numbers
         dd = do.float().mul_(o).sum(-1, keepdim=True)
         hi = dd.to(bf)
-        hilo = torch.cat((hi * -s, dd.sub_(hi.float()).mul_(-s).to(bf)), -1)
+        hilo = torch.cat((-hi, (hi.float() - dd).to(bf)), -1)  # -D_hi, -D_lo
         dob = block_views(do.new_empty(BH * T * D), BH, blocks, D)
         fill_blocks(dob, do)
-        do_aug = block_views(do.new_empty(BH * T * (D + 2)), BH, blocks, D + 2)  # [dO s, -D_hi s, -D_lo s]
-        torch.mul(dob[0].as_strided((BH * T, D), (D, 1)), s,
-                  out=do_aug[0].as_strided((BH * T, D), (D + 2, 1)))  # the same rows in the same order
+        do_aug = block_views(do.new_empty(BH * T * (D + 2)), BH, blocks, D + 2)  # [dO, -D_hi, -D_lo]
+        do_aug[0].as_strided((BH * T, D), (D + 2, 1)).copy_(dob[0].as_strided((BH * T, D), (D, 1)))  # same row order
         fill_blocks(do_aug, hilo, D)
         qb = block_views(do.new_empty(BH * T * D), BH, blocks, D)
         fill_blocks(qb, qkv[..., :D])
         k = qkv[..., D:2 * D].transpose(1, 2).contiguous().view(BH, T, D)
-        v_aug = qkv.new_empty(B, H, T, D + 2)  # [v, 1, 1]
+        v_aug = qkv.new_empty(B, H, T, D + 2)  # [v s, s, s]: the GEMM gives s (dP - D)
         v_aug[..., :D] = qkv[..., 2 * D:].transpose(1, 2)
         v_aug[..., D:] = 1
         v_aug = v_aug.view(BH, T, D + 2)
+        if s != 1.0:
+            v_aug.mul_(s)
         dqkv = torch.empty_like(qkv)
         out = [dqkv[..., c:c + D].transpose(1, 2) for c in (0, D, 2 * D)]  # (B, H, T, D) views
         parts_k, parts_v = [], []  # each query block's bf16 dK, dV over keys [0, r1), the last block's first
