@@ -19,9 +19,11 @@ with the precision choices of FlashAttention on GPUs:
   ``D_hi + D_lo`` the fp32 ``D`` split into two bf16 numbers (to about 2^-16 of
   ``D``): the GEMM accumulates in fp32 and rounds once, so the difference is
   rounded relative to itself.  A power-of-two score scale (head dims 16, 64,
-  256) folds into ``dO`` and ``D`` exactly; any other is one more rounding of
+  256) folds into ``[v, 1, 1]`` exactly; any other is one more rounding of
   dS.  Then ``dS = P * (dP - D)`` in bf16 for the two bf16 GEMMs ``dS k`` and
-  ``dS^T q``.
+  ``dS^T q``;
+* dK and dV of a key block are the sum of one bf16 GEMM result per query block
+  at or after it, summed in fp32 and rounded once (``sum_rounded_once``).
 
 Before, dP was an fp32 GEMM of its own.  A bf16 dP rounded before subtracting
 D, with ``D = rowsum(P * dP)`` (softmax's own backward), had the same error per
@@ -33,13 +35,44 @@ step 4, against 2-3 with this kernel, the fp32-dP one, or SDPA:
 Its error against an fp64 reference is that of SDPA's CPU kernel (checked in
 ``tests/model/test_attention.py``).  Unlike FlashAttention it keeps P for
 the backward, about B*H*T^2/2 bf16 values per layer (the causal lower
-triangle in blocks: 3.9 MB per layer at the 14M benchmark's shapes), so it is
-used only for sequences up to ``MAX_SEQ``; the planner's CPU memory model
-counts it (``mtnlg.plan.local_memory.predict_memory``).
+triangle in blocks of ``backward_block(T)`` queries: 4.7 MB per layer at the
+14M benchmark's shapes), so it is used only for sequences up to ``MAX_SEQ``;
+the planner's CPU memory model counts it (``probability_bytes``, used by
+``mtnlg.plan.local_memory.predict_memory``).
+
+Layout (session 7).  The model hands the kernel its fused projection as is,
+(B, T, H, 3D) (``packed_causal_attention``), and gets back (B, T, H, D) and
+the gradient in the projection's layout: before, q, k and v went in as
+strided (B, H, T, D) views that the kernel copied, the output was transposed
+and copied by the model, and autograd concatenated the three gradients and
+copied them again.  ``torch.bmm`` (oneDNN) copies any operand that is not
+contiguous or transposed-contiguous, so query-side operands are laid out
+block by block (``block_views``: each block its own contiguous tensor, made by
+the copy that happens anyway); key-side prefixes ``k[:, :r1]`` are still
+copied inside ``bmm`` (a layout holding every prefix contiguously does not
+exist).  The forward computes scores and softmax by blocks of ``BLOCK`` = 64
+queries, the backward works by blocks of ``backward_block(T)`` queries (128 at
+256 tokens, 256 at 1024): half the calls and partial sums, larger GEMMs, for
+12.5 % more GEMM work at 256 tokens; the forward writes P straight into those
+larger blocks (zero above the causal edge) and multiplies ``P v`` by them.
+Forward + backward per layer at the 14M shapes went from 16.7 to 14.6 ms
+(1.14x), at (2, 6, 1024, 64) from 43.8 to 34.4 ms (1.27x)
+(``benchmarks/attention_cpu.py --before``); the whole 14M training step 1.03x
+(``benchmarks/ab_steps.py --switch switches:attention_packed``).  Measured and
+not kept: blocks of 128 in the forward too (forward 6.2 against 5.6 ms);
+summing the dK/dV terms with ``torch.sum`` over a stacked bf16 buffer (its
+bf16 reduction: 0.8 ms against 0.3 ms for fp32 accumulation); casting while
+permuting in one copy (0.26 against 0.18 ms for a bf16 permute then a
+contiguous cast); a strided ``torch.mul(..., out=)`` to fold the scale into
+the query copy (the kernel 4 % slower); oneDNN's bf16 mode for fp32 matmuls
+(``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``: bitwise the same
+scores from these exact-bf16 inputs, but 0.60 against 0.64 ms per score GEMM,
+with a global switch); forward blocks of 32 (within noise, more calls).
 
 ``causal_attention`` picks this kernel or SDPA: this one for bf16 on CPU
 without dropout and ``T <= MAX_SEQ``, SDPA everywhere else (CUDA has its own
-flash kernels).
+flash kernels); ``packed_causal_attention`` is the same choice for the packed
+projection.
 """
 from __future__ import annotations
 
@@ -152,16 +185,11 @@ def sum_rounded_once(terms: list[torch.Tensor], out: torch.Tensor) -> None:
 
 class _CausalGemmAttention(torch.autograd.Function):
     """Input the packed projection ``qkv`` (B, T, H, 3D) (per head ``[q | k | v]``), output
-    (B, H, T, D) (a transposed view of (B*H, T, D)), input gradient in qkv's layout, so that
-    autograd neither concatenates nor copies the three gradients.  Every GEMM skips the blocks
-    above the diagonal: query block i (rows ``r0:r1``) meets keys ``[0, r1)`` only.
-
-    The forward takes fp32 scores and their softmax by blocks of ``BLOCK`` queries and writes
-    the bf16 probabilities into blocks of ``backward_block(T)`` queries (zero above the
-    causal edge), kept for the backward, which works by these larger blocks: half the calls
-    and fp32 partial sums of dK and dV, larger GEMMs, for 12.5 % more GEMM work at 256
-    tokens (the forward's fp32 score GEMM and softmax keep the small blocks).  Query-side
-    operands are contiguous per block (``block_views``), key-side ones (B*H, T, D)."""
+    (B, T, H, D) contiguous, input gradient in qkv's layout.  Every GEMM skips the blocks
+    above the diagonal: query block i (rows ``r0:r1``) meets keys ``[0, r1)`` only; scores
+    and softmax by blocks of ``BLOCK`` queries, the kept bf16 probabilities and the backward
+    by blocks of ``backward_block(T)`` queries.  Query-side operands are contiguous per block
+    (``block_views``), key-side ones (B*H, T, D)."""
 
     @staticmethod
     def forward(ctx, qkv):
