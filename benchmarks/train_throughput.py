@@ -220,15 +220,18 @@ def main() -> None:
                         for _ in range(args.repeats)]
                 r = {**runs[0], **{k: statistics.median(x[k] for x in runs)
                                    for k in ("tokens_per_s", "tflops", "matmul_tflops", "ratio")}}
+                r["runs"] = sorted(100 * x["ratio"] for x in runs)
             else:
                 r = bench(name, precision, args.steps, device, args.compile, args.set)
             print(f"{r['config']:<8} {r['params_m']:>7.2f}M {r['precision']:<14} {r['tokens_per_s']:>10.0f} "
-                  f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%", flush=True)
+                  f"{r['tflops']:>14.4f} {r['matmul_tflops']:>15.4f} {100 * r['ratio']:>13.1f}%"
+                  + (f"   runs: {' '.join(f'{x:.1f}' for x in r['runs'])}" if "runs" in r else ""), flush=True)
             if peak:
                 print(f"{'':<10} MFU vs datasheet peak {100 * r['tflops'] / peak:.1f}%, "
                       f"max memory allocated {r.get('max_memory_gb', 0):.1f} GB", flush=True)
     if args.repeats > 1:
-        print(f"\nmedians of {args.repeats} runs, each in a fresh process, of {args.steps} timed steps each.")
+        print(f"\nmedians of {args.repeats} runs, each in a fresh process, of {args.steps} timed steps each "
+              "(runs: each run's MFU vs matmul, sorted).")
     print("\nMFU vs matmul = model FLOPs/s (forward+backward, no recompute) / matmul rate at the model's own "
           "GEMM shapes in the same dtype, measured in this run.")
 
