@@ -75,7 +75,8 @@ def main() -> None:
     p.add_argument("--shape", action="append", help="B,H,T,D (default: the tiny and 14M benchmark layers, "
                                                     "and 2,6,1024,64)")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--before", action="store_true", help="also time the kernel before session 7 (benchmarks/switches.py)")
+    p.add_argument("--before", action="store_true",
+                   help="also time the kernel before session 7 (benchmarks/switches.py)")
     args = p.parse_args()
     keep_freed_memory()  # as the trainer does on CPU
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else \

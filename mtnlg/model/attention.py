@@ -53,12 +53,13 @@ copied inside ``bmm`` (a layout holding every prefix contiguously does not
 exist).  The forward computes scores and softmax by blocks of ``BLOCK`` = 64
 queries, the backward works by blocks of ``backward_block(T)`` queries (128 at
 256 tokens, 256 at 1024): half the calls and partial sums, larger GEMMs, for
-12.5 % more GEMM work at 256 tokens; the forward writes P straight into those
-larger blocks (zero above the causal edge) and multiplies ``P v`` by them.
+20 % more work in its GEMMs and ``P v`` at 256 tokens (12 64x64 tiles instead of
+10); the forward writes P straight into those larger blocks (zero above the
+causal edge) and multiplies ``P v`` by them.
 Forward + backward per layer at the 14M shapes went from 16.7 to 14.6 ms
 (1.14x), at (2, 6, 1024, 64) from 43.8 to 34.4 ms (1.27x)
-(``benchmarks/attention_cpu.py --before``); the whole 14M training step 1.03x
-(``benchmarks/ab_steps.py --switch switches:attention_packed``).  Measured and
+(``benchmarks/attention_cpu.py --before``); the whole 14M training step
+1.01-1.03x (``benchmarks/ab_steps.py --switch switches:attention_packed``).  Measured and
 not kept: blocks of 128 in the forward too (forward 6.2 against 5.6 ms);
 summing the dK/dV terms with ``torch.sum`` over a stacked bf16 buffer (its
 bf16 reduction: 0.8 ms against 0.3 ms for fp32 accumulation); casting while
@@ -67,7 +68,9 @@ contiguous cast); a strided ``torch.mul(..., out=)`` to fold the scale into
 the query copy (the kernel 4 % slower); oneDNN's bf16 mode for fp32 matmuls
 (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``: bitwise the same
 scores from these exact-bf16 inputs, but 0.60 against 0.64 ms per score GEMM,
-with a global switch); forward blocks of 32 (within noise, more calls).
+with a global switch); forward blocks of 32 (within noise, more calls); dV
+from the widened dO buffer instead of its own contiguous copy (0.50 against 0.43 ms
+per GEMM); D in chunks of the batch to stay in cache (0.33 against 0.26 ms).
 
 ``causal_attention`` picks this kernel or SDPA: this one for bf16 on CPU
 without dropout and ``T <= MAX_SEQ``, SDPA everywhere else (CUDA has its own
