@@ -83,7 +83,7 @@ def test_a_planted_answer_each_query_sees_only_its_past():
     assert torch.allclose(o.double(), expect, rtol=2 ** -7, atol=0)
 
 
-def test_dispatch_runs_the_kernel_only_where_it_is_meant_to():
+def test_dispatch_runs_the_kernel_only_where_it_is_meant_to(monkeypatch):
     q, k, v, _ = inputs(1, 2, 64, 16)
     assert A.uses_gemm_kernel(q)
     assert not A.uses_gemm_kernel(q.float())                       # fp32: SDPA
@@ -92,6 +92,15 @@ def test_dispatch_runs_the_kernel_only_where_it_is_meant_to():
     assert not A.uses_gemm_kernel(long)                            # memory: SDPA
     qf, kf, vf = q.float(), k.float(), v.float()                   # SDPA, the very call
     assert torch.equal(A.causal_attention(qf, kf, vf), F.scaled_dot_product_attention(qf, kf, vf, is_causal=True))
+    packed = torch.cat((qf, kf, vf), -1).transpose(1, 2)                 # the model's entry point: same choice
+    assert torch.equal(A.packed_causal_attention(packed),
+                       F.scaled_dot_product_attention(qf, kf, vf, is_causal=True).transpose(1, 2))
+    calls = []
+    real = A._CausalGemmAttention.apply
+    monkeypatch.setattr(A._CausalGemmAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    A.packed_causal_attention(packed.to(torch.bfloat16))
+    A.packed_causal_attention(packed.to(torch.bfloat16), dropout_p=0.1)  # dropout: SDPA's
+    assert len(calls) == 1
 
 
 def test_probability_bytes_counts_the_blocks_kept():
