@@ -160,3 +160,23 @@ def test_the_bf16_model_trains_through_the_kernel_and_matches_sdpa(monkeypatch):
     assert len(calls) == cfg.n_layers
     assert abs(loss - loss_sdpa) < 1e-2 * loss_sdpa
     assert rel(grads.double(), grads_sdpa.double()) < 2e-2
+
+
+def test_sum_rounded_once_is_the_fp32_sum_rounded_once():
+    # dK, dV terms: bf16 GEMM results over magnitudes far apart (rounding each partial sum to bf16
+    # would lose the small ones); out a strided view, as the packed gradient's columns are
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 3, 5):
+        terms = [(torch.randn(4, 7, 6, generator=g) * 10.0 ** torch.randint(-3, 3, (4, 7, 6), generator=g))
+                 .to(torch.bfloat16) for _ in range(n)]
+        out = torch.zeros(4, 7, 3 * 6, dtype=torch.bfloat16)[..., 6:12]
+        A.sum_rounded_once(terms, out)
+        exact = terms[0].float()
+        for t in terms[1:]:
+            exact += t
+        assert torch.equal(out, exact.to(torch.bfloat16)), n
+        if n > 1:  # a bf16 running sum differs: the test sees a second rounding
+            chained = terms[0]
+            for t in terms[1:]:
+                chained = chained + t
+            assert n == 2 or not torch.equal(chained, out)
