@@ -3,14 +3,17 @@ with what it replaced, in one process (the replaced code lives here, not in the 
 
     python benchmarks/ab_steps.py --switch switches:attention_widened_dp --configs 14m,tiny --pairs 24
     python benchmarks/ab_steps.py --switch switches:attention_packed --configs 14m,tiny --pairs 24
+    python benchmarks/ab_steps.py --switch switches:gelu_keeps_derivative --configs 14m,tiny --pairs 24
 """
 from __future__ import annotations
 
-import torch
-
 import math
 
+import torch
+
 import mtnlg.model.attention as A
+import mtnlg.model.bias_gelu as BG
+from mtnlg.model import regions
 
 _KEPT = A._CausalGemmAttention
 
@@ -137,3 +140,53 @@ def loss_parts_in_denominator(on: bool) -> None:
     if _KEPT_LOSS is None:
         _KEPT_LOSS = Trainer._loss
     Trainer._loss = _KEPT_LOSS if on else (lambda self, x, y, parts=1: _KEPT_LOSS(self, x, y) / parts)
+
+
+class _RecomputingBiasGelu(torch.autograd.Function):
+    """The bias-GeLU region before session 7: the forward kept the GEMM output and the bias, and
+    the backward's region recomputed the pre-activation and its sigmoid to get the derivative."""
+
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        x2 = x.contiguous().view(-1, x.shape[-1])
+        ctx.save_for_backward(x2, bias)
+        ctx.approximate, ctx.in_shape = approximate, x.shape
+        return _OLD_GELU[approximate][0](x2.detach(), bias.detach()).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, bias = ctx.saved_tensors
+        gx = _OLD_GELU[ctx.approximate][1](grad.contiguous().view(x2.shape).detach(), x2.detach(), bias.detach())
+        return gx.view(ctx.in_shape), (gx.sum(0) if ctx.needs_input_grad[1] else None), None
+
+
+def _old_fwd_tanh(x, b):
+    y = x.float() + b.float()
+    return (y * torch.sigmoid(y * (BG._K2 + BG._K2 * BG._A * y * y))).to(x.dtype)
+
+
+def _old_bwd_tanh(g, x, b):
+    y = x.float() + b.float()
+    s = torch.sigmoid(y * (BG._K2 + BG._K2 * BG._A * y * y))
+    return (g.float() * (s + y * (BG._K2 + 3 * BG._K2 * BG._A * y * y) * s * (1 - s))).to(x.dtype)
+
+
+def _old_fwd_erf(x, b):
+    return torch.nn.functional.gelu(x.float() + b.float()).to(x.dtype)
+
+
+def _old_bwd_erf(g, x, b):
+    return torch.ops.aten.gelu_backward(g.float(), x.float() + b.float()).to(x.dtype)
+
+
+_OLD_GELU = {"tanh": (regions.Region(_old_fwd_tanh, "old_bias_gelu_tanh"),
+                      regions.Region(_old_bwd_tanh, "old_bias_gelu_tanh_bwd")),
+             "none": (regions.Region(_old_fwd_erf, "old_bias_gelu_erf"),
+                      regions.Region(_old_bwd_erf, "old_bias_gelu_erf_bwd"))}
+_KEPT_GELU = BG._BiasGelu
+
+
+def gelu_keeps_derivative(on: bool) -> None:
+    """True: the bias-GeLU forward keeps the derivative (fp16) and the backward multiplies
+    (kept); False: it keeps the GEMM output and the backward recomputes the derivative."""
+    BG._BiasGelu = _KEPT_GELU if on else _RecomputingBiasGelu
