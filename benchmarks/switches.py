@@ -190,3 +190,10 @@ def gelu_keeps_derivative(on: bool) -> None:
     """True: the bias-GeLU forward keeps the derivative (fp16) and the backward multiplies
     (kept); False: it keeps the GEMM output and the backward recomputes the derivative."""
     BG._BiasGelu = _KEPT_GELU if on else _RecomputingBiasGelu
+
+
+def session7(on: bool) -> None:
+    """Every step change of session 7 at once: the packed attention kernel and the bias-GeLU
+    forward that keeps its derivative (True), or the code each replaced (False)."""
+    attention_packed(on)
+    gelu_keeps_derivative(on)
