@@ -231,7 +231,7 @@ class _CausalGemmAttention(torch.autograd.Function):
         D, BH = D3 // 3, B * H
         scale, bf = ctx.scale, qkv.dtype
         blocks = list(_blocks(T, backward_block(T)))
-        exact = scale == 2.0 ** round(math.log2(scale))  # folds into dO and D without rounding
+        exact = scale == 2.0 ** round(math.log2(scale))  # folds into [v, 1, 1] without rounding
         s = scale if exact else 1.0
         # D = rowsum(dO * O) in fp32, (B, T, H, 1), split into two bf16 numbers
         dd = do.float().mul_(o).sum(-1, keepdim=True)
