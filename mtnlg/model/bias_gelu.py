@@ -54,7 +54,6 @@ import ctypes
 import ctypes.util
 import gc
 import math
-
 import warnings
 
 import torch
@@ -95,8 +94,9 @@ def _bwd(g, d):
     return (g.float() * d.float()).to(g.dtype)
 
 
-_REGIONS = {"tanh": (regions.Region(_fwd_tanh, "bias_gelu_tanh"), regions.Region(_bwd, "bias_gelu_bwd")),
-            "none": (regions.Region(_fwd_erf, "bias_gelu_erf"), regions.Region(_bwd, "bias_gelu_bwd"))}
+_BWD = regions.Region(_bwd, "bias_gelu_bwd")  # one backward for both forms: it only multiplies
+_REGIONS = {"tanh": (regions.Region(_fwd_tanh, "bias_gelu_tanh"), _BWD),
+            "none": (regions.Region(_fwd_erf, "bias_gelu_erf"), _BWD)}
 
 
 def uses_fused_bias_gelu(x: torch.Tensor, fc: nn.Module, approximate: str = "tanh") -> bool:
